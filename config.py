@@ -1,0 +1,112 @@
+"""The experiment and its configuration: HAT on Flickr30K by default.
+
+Named configs are recipes that change only what they must and compose:
+``python run.py with coco_config per_gpu_batchsize=32``, ``python run.py with demo``.
+"""
+from sacred import Experiment
+
+ex = Experiment("HAT", save_git_info=False)
+
+
+@ex.config
+def hat_defaults():
+    exp_name = "hat_f30k"
+    seed = 0
+
+    # data
+    dataset = "f30k"  # f30k | coco | demo
+    data_root = None  # folder holding the ViLT-format arrow files (README, "Data")
+    image_size = 224
+    image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only
+    max_text_len = 32  # including [CLS] and [SEP]
+    captions_per_image = 5  # test protocol; None keeps every caption
+    num_workers = 8
+    demo_train_images = 2000  # dataset=demo only: size of the generated data set
+    demo_eval_images = 200  # val and test images each
+
+    # model (spec hat.md sections 1-2)
+    image_backbone = "swin_base_patch4_window7_224.ms_in22k"
+    drop_path_rate = 0.1
+    # Swin architecture overrides (None = the named model's own): used for small backbones
+    swin_embed_dim = None
+    swin_depths = None
+    swin_num_heads = None
+    swin_window_size = None
+    image_pretrained = True
+    text_backbone = "bert-base-uncased"  # hub name, local folder, or packaged-minilm
+    text_pretrained = True
+    level_pairs = [[2, 4], [3, 10], [4, 12]]  # (Swin stage, BERT layer), 1-based: low, mid, high
+    embed_dim = 768
+    lambda_softmax = 9.0
+    direction = "i2t"  # i2t: regions attend to words; t2i: words attend to regions
+
+    # loss (spec section 3)
+    margin = 0.2
+    vse_warmup_epochs = 0  # epochs summing over all negatives before VSE++'s hardest negative
+    same_image_mask = False  # True: captions of the same image in a batch are not negatives
+
+    # optimisation (spec section 4)
+    per_gpu_batchsize = 58
+    learning_rate = 1e-4
+    lr_step_epochs = 10
+    lr_gamma = 0.1
+    max_epoch = 100
+    freeze_image_epochs = 11  # Swin frozen in epochs 0-10, unfrozen at the end of epoch 10
+    freeze_text_epochs = 11  # BERT embeddings+encoder likewise (the pooler stays frozen)
+    precision = "fp16"  # fp16 | bf16 | fp32; mixed precision applies on CUDA only
+    device = "auto"  # auto | cpu | cuda | cuda:N
+    select_metric = ["i2t_r1", "t2i_r1"]  # best checkpoint = highest sum of these val metrics
+
+    # evaluation
+    eval_batch_size = 128
+    image_tile = None  # score tiles (images x captions); None picks sizes that bound memory
+    caption_tile = None
+
+    # runs
+    test_only = False
+    checkpoint = None  # with test_only=True: the checkpoint to evaluate
+    observer_dir = "runs"  # Sacred FileStorageObserver directory; None records nothing
+    checkpoint_dir = None  # None: the run's own observer directory
+    progress = True  # progress bars
+
+
+@ex.named_config
+def coco_config():
+    # MSCOCO (train = train + restval, Karpathy 5K test)
+    exp_name = "hat_coco"
+    dataset = "coco"
+
+
+@ex.named_config
+def t2i():
+    # HAT (t-i): words attend to regions, in training and at test time
+    direction = "t2i"
+
+
+@ex.named_config
+def demo():
+    # The embedded demo: synthetic shapes, a tiny random Swin, the packaged MiniLM BERT.
+    # Runs on a laptop CPU in minutes with no download: the data are generated on first
+    # use into ~/.cache/hat-toolkit (or $HAT_CACHE), unless data_root names a folder.
+    exp_name = "hat_demo"
+    dataset = "demo"
+    image_size = 64
+    image_transform = "plain"  # captions name positions: no crops or flips
+    num_workers = 0
+    image_backbone = "swin_base_patch4_window7_224"
+    swin_embed_dim = 32
+    swin_depths = [2, 2, 2, 2]
+    swin_num_heads = [1, 2, 4, 8]
+    swin_window_size = 4
+    drop_path_rate = 0.0
+    image_pretrained = False
+    text_backbone = "packaged-minilm"
+    level_pairs = [[2, 2], [3, 4], [4, 6]]
+    embed_dim = 128
+    vse_warmup_epochs = 1
+    per_gpu_batchsize = 64
+    learning_rate = 5e-4
+    lr_step_epochs = 2
+    max_epoch = 2
+    freeze_image_epochs = 0  # the tiny Swin starts from random weights
+    freeze_text_epochs = 1000  # MiniLM is pretrained: keep it frozen

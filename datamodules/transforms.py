@@ -1,0 +1,22 @@
+"""Image transforms (HAT spec section 4)."""
+from __future__ import annotations
+
+from torchvision import transforms as T
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+TRANSFORM_NAMES = ("hat", "plain")
+
+
+def build_transform(name: str, image_size: int, train: bool):
+    """``hat``: RandomResizedCrop + flip for training, Resize(256/224 * size) + CenterCrop
+    for testing. ``plain``: resize to size x size, no augmentation (the demo's captions
+    name positions, which crops and flips would falsify)."""
+    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    if name == "hat":
+        if train:
+            return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *normalize])
+        return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *normalize])
+    if name == "plain":
+        return T.Compose([T.Resize((image_size, image_size)), *normalize])
+    raise ValueError(f"image_transform={name!r}; choose one of {TRANSFORM_NAMES}")

@@ -1,0 +1,1 @@
+"""HAT: Hierarchical Alignment Transformers for image-text retrieval."""

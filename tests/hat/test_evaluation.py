@@ -1,0 +1,279 @@
+"""Tests for hat.evaluation.recall, following shared/spec/evaluation.md
+("Retrieval evaluation protocol").
+
+rank = number of negatives scoring >= the query's best positive (ties never favour
+the positive); R@K = 100 * count(rank < K) / n; medr = floor(median(rank)) + 1;
+meanr = mean(rank) + 1; rsum = sum of the six recalls.
+"""
+import math
+import statistics
+
+import numpy as np
+import pytest
+import torch
+
+from hat.evaluation import recall
+
+KEYS = [
+    "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
+    "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr",
+]
+
+
+# --------------------------------------------------------------------------------------
+# Literal reference (evaluation.md)
+# --------------------------------------------------------------------------------------
+def reference_ranks(sims, caption_to_image=None):
+    """Python loops over queries, per evaluation.md: rank = number of negatives that
+    score at least as high as the query's best positive."""
+    sims = np.asarray(sims, dtype=np.float64)
+    n_images, n_captions = sims.shape
+    if caption_to_image is None:
+        caption_to_image = [j // 5 for j in range(n_captions)]
+    c2i = [int(x) for x in caption_to_image]
+
+    i2t = []
+    for i in range(n_images):
+        best_positive = max(sims[i, j] for j in range(n_captions) if c2i[j] == i)
+        i2t.append(sum(1 for j in range(n_captions) if c2i[j] != i and sims[i, j] >= best_positive))
+
+    t2i = []
+    for j in range(n_captions):
+        true = c2i[j]
+        t2i.append(sum(1 for i in range(n_images) if i != true and sims[i, j] >= sims[true, j]))
+    return i2t, t2i
+
+
+def reference_recall(sims, caption_to_image=None):
+    i2t, t2i = reference_ranks(sims, caption_to_image)
+    out = {}
+    for prefix, ranks in (("i2t", i2t), ("t2i", t2i)):
+        n = len(ranks)
+        for k in (1, 5, 10):
+            out[f"{prefix}_r{k}"] = 100.0 * sum(1 for r in ranks if r < k) / n
+        out[f"{prefix}_medr"] = float(math.floor(statistics.median(ranks)) + 1)
+        out[f"{prefix}_meanr"] = sum(ranks) / n + 1.0
+    out["rsum"] = sum(out[f"{p}_r{k}"] for p in ("i2t", "t2i") for k in (1, 5, 10))
+    return out
+
+
+def assert_metrics(result, expected):
+    assert set(KEYS) <= set(result), f"missing keys: {set(KEYS) - set(result)}"
+    for key in KEYS:
+        assert isinstance(result[key], float), f"{key} is {type(result[key])}, not float"
+    for key, value in expected.items():
+        assert result[key] == pytest.approx(value, rel=1e-9, abs=1e-9), key
+
+
+# --------------------------------------------------------------------------------------
+# Hand-built cases
+# --------------------------------------------------------------------------------------
+def test_hand_built_3x15():
+    # default mapping: captions 0-4 -> image 0, 5-9 -> image 1, 10-14 -> image 2
+    sims = np.array([
+        # c0   c1   c2   c3   c4 | c5   c6   c7   c8   c9 | c10  c11  c12  c13  c14
+        [0.9, 0.1, 0.1, 0.1, 0.1, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0],
+        [0.6, 0.7, 0.1, 0.1, 0.1, 0.5, 0.5, 0.5, 0.5, 0.5, 0.8, 0.0, 0.0, 0.0, 0.0],
+        [0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.4, 0.3, 0.2, 0.2, 0.2, 0.2],
+    ])
+    # i2t: image 0: best positive 0.9, all negatives 0            -> rank 0
+    #      image 1: best positive 0.5, negatives >= 0.5: c0 .6, c1 .7, c10 .8 -> rank 3
+    #      image 2: best positive 0.3, ten negatives at 0.4      -> rank 10
+    # ranks [0, 3, 10]: R@1 1/3, R@5 2/3, R@10 2/3 (10 is not < 10)
+    # medr = 3 + 1 = 4; meanr = 13/3 + 1
+    # t2i: c0: true .9 vs .6, .4 -> 0;  c1: true .1 vs .7, .4 -> 2
+    #      c2..c4: true .1 vs .1 (tie, counts), .4 -> 2 each
+    #      c5..c9: true .5 vs 0, .4 -> 0;  c10: true .3 vs 0, .8 -> 1
+    #      c11..c14: true .2 vs 0, 0 -> 0
+    # ranks [0,2,2,2,2,0,0,0,0,0,1,0,0,0,0]: ten zeros -> R@1 10/15, R@5 = R@10 = 100
+    # medr: 8th of 15 sorted = 0 -> 1; meanr = 9/15 + 1 = 1.6
+    expected = {
+        "i2t_r1": 100 / 3, "i2t_r5": 200 / 3, "i2t_r10": 200 / 3,
+        "i2t_medr": 4.0, "i2t_meanr": 13 / 3 + 1,
+        "t2i_r1": 200 / 3, "t2i_r5": 100.0, "t2i_r10": 100.0,
+        "t2i_medr": 1.0, "t2i_meanr": 1.6,
+        "rsum": 100 / 3 + 200 / 3 + 200 / 3 + 200 / 3 + 100 + 100,
+    }
+    assert_metrics(recall(sims), expected)
+    assert_metrics(recall(sims), reference_recall(sims))
+
+
+def _boundary_matrix_12x60():
+    """12 images x 60 captions (default mapping) with i2t ranks hitting 4/5 and 9/10
+    and t2i ranks hitting 4/5, 9/10 and 11; every rank is forced by construction.
+
+    - image i's best positive is caption 5i with score P_i = 10 (i + 1); its other four
+      captions 5i+1..5i+4 score 0; every other entry is -1.
+    - i2t: row i gets score P_i (a tie, which counts) on the primary captions 5k of the
+      next r_i images k = i+1 .. i+r_i. Column 5k's true score is P_k > P_i, so these
+      entries never change a t2i rank.
+    - t2i: secondary caption j of image k gets score 0 (a tie with its true score 0,
+      which counts) from the first q_j images other than k. Every row's best positive
+      is >= 10 > 0, so these entries never change an i2t rank.
+    """
+    n_images, n_captions = 12, 60
+    sims = np.full((n_images, n_captions), -1.0)
+    for i in range(n_images):
+        sims[i, 5 * i] = 10.0 * (i + 1)
+        sims[i, 5 * i + 1: 5 * i + 5] = 0.0
+    i2t_ranks = [9, 10, 4, 5, 1, 0, 3, 2, 0, 0, 0, 0]
+    for i, r in enumerate(i2t_ranks):
+        assert r <= n_images - 1 - i
+        for k in range(i + 1, i + 1 + r):
+            sims[i, 5 * k] = 10.0 * (i + 1)
+    t2i_ranks = [0] * n_captions
+    for j, q in {1: 4, 2: 5, 3: 9, 4: 10, 6: 11, 7: 1}.items():
+        k = j // 5
+        others = [i for i in range(n_images) if i != k][:q]
+        sims[others, j] = 0.0
+        t2i_ranks[j] = q
+    return sims, i2t_ranks, t2i_ranks
+
+
+def test_boundaries_12x60():
+    sims, i2t_ranks, t2i_ranks = _boundary_matrix_12x60()
+    # the construction gives exactly the intended ranks (checked with the literal loops)
+    assert reference_ranks(sims) == (i2t_ranks, t2i_ranks)
+    # i2t ranks [9, 10, 4, 5, 1, 0, 3, 2, 0, 0, 0, 0]
+    #   rank 0: images 5, 8, 9, 10, 11          -> R@1  = 5/12
+    #   rank < 5: all but 9, 10, 5              -> R@5  = 9/12 = 75
+    #   rank < 10: all but the 10               -> R@10 = 11/12
+    #   sorted [0,0,0,0,0,1,2,3,4,5,9,10]: median 1.5 -> medr 2; sum 34 -> meanr 34/12 + 1
+    # t2i ranks: 54 zeros, then 4, 5, 9, 10, 11, 1
+    #   R@1 = 54/60 = 90; R@5 = 56/60 (+4, +1); R@10 = 58/60 (+4, +5, +9, +1)
+    #   medr = 0 + 1 = 1; meanr = 40/60 + 1
+    expected = {
+        "i2t_r1": 500 / 12, "i2t_r5": 75.0, "i2t_r10": 1100 / 12,
+        "i2t_medr": 2.0, "i2t_meanr": 34 / 12 + 1,
+        "t2i_r1": 90.0, "t2i_r5": 5600 / 60, "t2i_r10": 5800 / 60,
+        "t2i_medr": 1.0, "t2i_meanr": 40 / 60 + 1,
+        "rsum": 500 / 12 + 75 + 1100 / 12 + 90 + 5600 / 60 + 5800 / 60,
+    }
+    assert_metrics(recall(sims), expected)
+
+
+def test_ties_count_against_the_positive():
+    sims = np.array([
+        # c0   c1   c2   c3   c4 | c5   c6   c7   c8   c9
+        [0.5, 0.2, 0.2, 0.2, 0.2, 0.5, 0.3, 0.0, 0.0, 0.0],
+        [0.1, 0.1, 0.1, 0.1, 0.1, 0.3, 0.3, 0.3, 0.3, 0.3],
+    ])
+    # i2t: image 0 best positive .5, negative c5 = .5 (tie) -> rank 1
+    #      image 1 best positive .3, negatives .1          -> rank 0
+    # t2i: c5: true .3 vs image 0 .5 -> 1; c6: true .3 vs image 0 .3 (tie) -> 1; rest 0
+    expected = {
+        "i2t_r1": 50.0, "i2t_r5": 100.0, "i2t_r10": 100.0,
+        "i2t_medr": 1.0, "i2t_meanr": 1.5,  # median of [0, 1] = 0.5 -> floor 0 + 1
+        "t2i_r1": 80.0, "t2i_r5": 100.0, "t2i_r10": 100.0,
+        "t2i_medr": 1.0, "t2i_meanr": 1.2,
+        "rsum": 530.0,
+    }
+    assert_metrics(recall(sims), expected)
+
+
+def test_constant_matrix_all_ties():
+    # every score equal: every negative ties with the positive and counts
+    # i2t rank = 10 negatives per image; t2i rank = 2 other images per caption
+    sims = np.zeros((3, 15))
+    expected = {
+        "i2t_r1": 0.0, "i2t_r5": 0.0, "i2t_r10": 0.0, "i2t_medr": 11.0, "i2t_meanr": 11.0,
+        "t2i_r1": 0.0, "t2i_r5": 100.0, "t2i_r10": 100.0, "t2i_medr": 3.0, "t2i_meanr": 3.0,
+        "rsum": 200.0,
+    }
+    assert_metrics(recall(sims), expected)
+    assert_metrics(recall(torch.zeros(3, 15)), expected)
+
+
+UNEVEN_SIMS = np.array([
+    # c0   c1   c2   c3   c4   c5   c6   c7   c8   c9
+    [0.8, 0.4, 0.7, 0.1, 0.9, 0.0, 0.7, 0.0, 0.0, 0.0],
+    [0.2, 0.5, 0.3, 0.6, 0.1, 0.6, 0.1, 0.2, 0.2, 0.2],
+    [0.1, 0.2, 0.3, 0.5, 0.4, 0.5, 0.6, 0.0, 0.0, 0.9],
+])
+# image 0 has 2 captions (c1, c6), image 1 has 7 (c0 c2 c4 c5 c7 c8 c9), image 2 has 1 (c3)
+UNEVEN_C2I = [1, 0, 1, 2, 1, 1, 0, 1, 1, 1]
+
+
+@pytest.mark.parametrize(
+    "c2i",
+    [UNEVEN_C2I, np.array(UNEVEN_C2I), torch.tensor(UNEVEN_C2I)],
+    ids=["list", "numpy", "torch"],
+)
+def test_explicit_uneven_caption_to_image(c2i):
+    # i2t: image 0: positives c1 .4, c6 .7 -> best .7; negatives >= .7: c0 .8, c2 .7 (tie),
+    #               c4 .9 -> rank 3
+    #      image 1: best positive max(.2,.3,.1,.6,.2,.2,.2) = .6; negatives c1 .5,
+    #               c3 .6 (tie), c6 .1 -> rank 1
+    #      image 2: positive c3 .5; negatives >= .5: c5 .5 (tie), c6 .6, c9 .9 -> rank 3
+    #   ranks [3, 1, 3]: R@1 0, R@5 100, R@10 100; medr 4; meanr 7/3 + 1
+    # t2i (true image in brackets):
+    #   c0 [1] .2 vs .8, .1 -> 1     c1 [0] .4 vs .5, .2 -> 1     c2 [1] .3 vs .7, .3 -> 2
+    #   c3 [2] .5 vs .1, .6 -> 1     c4 [1] .1 vs .9, .4 -> 2     c5 [1] .6 vs 0, .5 -> 0
+    #   c6 [0] .7 vs .1, .6 -> 0     c7 [1] .2 vs 0, 0 -> 0      c8 [1] .2 vs 0, 0 -> 0
+    #   c9 [1] .2 vs 0, .9 -> 1
+    #   ranks [1,1,2,1,2,0,0,0,0,1]: R@1 40, R@5 100, R@10 100;
+    #   sorted [0,0,0,0,1,1,1,1,2,2]: median 1 -> medr 2; meanr 8/10 + 1 = 1.8
+    expected = {
+        "i2t_r1": 0.0, "i2t_r5": 100.0, "i2t_r10": 100.0,
+        "i2t_medr": 4.0, "i2t_meanr": 7 / 3 + 1,
+        "t2i_r1": 40.0, "t2i_r5": 100.0, "t2i_r10": 100.0,
+        "t2i_medr": 2.0, "t2i_meanr": 1.8,
+        "rsum": 440.0,
+    }
+    assert_metrics(recall(UNEVEN_SIMS, caption_to_image=c2i), expected)
+    assert_metrics(recall(torch.from_numpy(UNEVEN_SIMS), caption_to_image=c2i), expected)
+
+
+def test_even_count_medr():
+    # 4 images, one caption each (caption j -> image j); diagonal 1, strictly lower
+    # triangle 2, upper triangle 0.
+    sims = np.tril(np.full((4, 4), 2.0), k=-1) + np.eye(4)
+    # i2t: row i has i entries (columns < i) scoring 2 >= 1 -> ranks [0, 1, 2, 3]
+    # t2i: column j has 3 - j entries (rows > j) scoring 2 -> ranks [3, 2, 1, 0]
+    # median of [0, 1, 2, 3] = 1.5 -> floor 1 + 1 = 2; meanr = 1.5 + 1 = 2.5
+    expected = {
+        "i2t_r1": 25.0, "i2t_r5": 100.0, "i2t_r10": 100.0, "i2t_medr": 2.0, "i2t_meanr": 2.5,
+        "t2i_r1": 25.0, "t2i_r5": 100.0, "t2i_r10": 100.0, "t2i_medr": 2.0, "t2i_meanr": 2.5,
+        "rsum": 450.0,
+    }
+    assert_metrics(recall(sims, caption_to_image=[0, 1, 2, 3]), expected)
+
+
+def test_default_mapping_is_j_div_5():
+    sims, _, _ = _boundary_matrix_12x60()
+    default = recall(sims)
+    explicit = recall(sims, caption_to_image=np.arange(60) // 5)
+    assert_metrics(default, explicit)
+
+
+# --------------------------------------------------------------------------------------
+# Input types and the literal reference on random data
+# --------------------------------------------------------------------------------------
+def test_numpy_and_torch_inputs_agree():
+    rng = np.random.default_rng(0)
+    sims = rng.standard_normal((20, 100))
+    from_numpy = recall(sims)
+    assert_metrics(from_numpy, recall(torch.from_numpy(sims)))
+    assert_metrics(from_numpy, recall(torch.from_numpy(sims).float()))
+    assert_metrics(from_numpy, recall(sims.astype(np.float32)))
+
+
+@pytest.mark.parametrize("rounded", [False, True], ids=["continuous", "many-ties"])
+@pytest.mark.parametrize("mapping", ["default", "random"])
+def test_matches_literal_reference_random_20x100(rounded, mapping):
+    rng = np.random.default_rng(1)
+    sims = rng.standard_normal((20, 100))
+    if rounded:
+        sims = np.round(sims, 1)  # lots of exact ties
+    if mapping == "default":
+        c2i = None
+    else:
+        # uneven: every image gets at least one caption, the rest assigned at random
+        c2i = np.concatenate([np.arange(20), rng.integers(0, 20, size=80)])
+        rng.shuffle(c2i)
+    result = recall(sims, caption_to_image=c2i)
+    expected = reference_recall(sims, c2i)
+    assert_metrics(result, expected)
+    # torch input gives the same numbers
+    c2i_t = None if c2i is None else torch.from_numpy(c2i)
+    assert_metrics(recall(torch.from_numpy(sims), caption_to_image=c2i_t), expected)

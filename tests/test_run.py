@@ -1,0 +1,73 @@
+"""End to end: a tiny demo training + evaluation through Sacred, then test_only."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+TINY = {
+    "demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 2, "per_gpu_batchsize": 16,
+    "eval_batch_size": 16, "progress": False, "swin_depths": [1, 1, 1, 1], "embed_dim": 32,
+}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    from run import ex
+
+    tmp = tmp_path_factory.mktemp("e2e")
+    updates = dict(TINY, data_root=str(tmp / "data"), observer_dir=str(tmp / "runs"))
+    run = ex.run(named_configs=["demo"], config_updates=updates)
+    return ex, run, tmp, updates
+
+
+def test_train_run_records_everything(trained):
+    _, run, tmp, _ = trained
+    run_dir = tmp / "runs" / str(run._id)
+    for name in ("config.json", "run.json", "metrics.json", "cout.txt", "best.ckpt", "last.ckpt"):
+        assert (run_dir / name).is_file(), name
+    record = json.loads((run_dir / "run.json").read_text())
+    assert record["status"] == "COMPLETED"
+    result = record["result"]
+    expected = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
+                "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"}
+    assert set(result) == expected
+    assert result["rsum"] == pytest.approx(sum(result[k] for k in expected if "_r" in k and "medr" not in k and "meanr" not in k))
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train.loss"]["steps"] == [0, 1]
+    assert len(metrics["val.i2t_r1"]["values"]) == 2
+    assert metrics["train.lr"]["values"][0] == pytest.approx(5e-4)
+    info = json.loads((run_dir / "info.json").read_text())
+    assert os.path.samefile(info["checkpoint"], run_dir / "best.ckpt")
+
+
+def test_test_only_reproduces_the_metrics(trained):
+    ex, run, tmp, updates = trained
+    checkpoint = tmp / "runs" / str(run._id) / "best.ckpt"
+    again = ex.run(named_configs=["demo"],
+                   config_updates=dict(updates, test_only=True, checkpoint=str(checkpoint)))
+    assert again.result == run.result  # to the last digit
+    assert again._id != run._id
+
+
+def test_checkpoint_is_readable_without_sacred(trained):
+    from hat.checkpoint import load_checkpoint
+
+    _, run, tmp, _ = trained
+    state = load_checkpoint(str(tmp / "runs" / str(run._id) / "best.ckpt"))
+    assert state["config"]["dataset"] == "demo"
+    assert state["epoch"] in (0, 1)
+    assert any(key.startswith("image_proj.0") for key in state["model"])
+
+
+def test_missing_data_root_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "run.py", "with", f"observer_dir={tmp_path}/runs"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "Error" in line]
+    assert len(errors) == 1 and "data_root" in errors[0] and "README" in errors[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "runs").exists()  # nothing recorded for a run that never started
