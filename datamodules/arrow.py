@@ -104,17 +104,20 @@ class ArrowSplit:
     def image_id(self, index: int) -> str:
         return self._image_ids[index]
 
+    def source(self, index: int) -> str:
+        """The arrow file that holds image ``index``."""
+        return self.paths[self._rows[index][0]]
+
     def image_bytes(self, index: int) -> bytes:
         file_index, row = self._rows[index]
         return self._images[file_index][row].as_py()
 
     def image(self, index: int) -> Image.Image:
-        file_index, _ = self._rows[index]
         try:
             return Image.open(io.BytesIO(self.image_bytes(index))).convert("RGB")
         except (OSError, ValueError) as error:
             raise DataError(
-                f"image {self.image_id(index)} in {self.paths[file_index]} does not decode "
+                f"image {self.image_id(index)} in {self.source(index)} does not decode "
                 f"({error}); re-write that arrow file from the original images"
             ) from error
 

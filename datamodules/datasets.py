@@ -39,7 +39,7 @@ def caption_index(split: ArrowSplit, captions_per_image: int | None):
         if captions_per_image is not None:
             if count < captions_per_image:
                 raise DataError(
-                    f"image {split.image_id(image)} in {split.paths} has {count} captions, the "
+                    f"image {split.image_id(image)} in {split.source(image)} has {count} captions, the "
                     f"protocol needs {captions_per_image}; set captions_per_image=None to keep all"
                 )
             count = captions_per_image

@@ -19,7 +19,7 @@ from PIL import Image, ImageDraw
 from datamodules.arrow import SPLIT_FILES
 from datamodules.writer import write_arrow
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 COLOURS = {
     "red": (215, 40, 40), "green": (40, 170, 60), "blue": (45, 90, 225),
     "yellow": (235, 215, 40), "purple": (150, 60, 195), "orange": (245, 140, 30),
@@ -115,12 +115,25 @@ def _sample_objects(rng: np.random.Generator):
     ))
 
 
-def _rows(split: str, count: int, rng, seen: set, image_size: int):
-    for index in range(count):
-        objects = _sample_objects(rng)
-        while objects in seen:
+def plan_demo(train_images: int, eval_images: int, seed: int = 0) -> dict:
+    """The content of every demo image: split -> list of objects, each a sorted tuple of
+    (quadrant, colour, shape). Pairwise distinct over all splits."""
+    rng = np.random.default_rng([seed, 1])
+    seen: set = set()
+    plan = {}
+    for split, count in (("test", eval_images), ("val", eval_images), ("train", train_images)):
+        plan[split] = []
+        for _ in range(count):
             objects = _sample_objects(rng)
-        seen.add(objects)
+            while objects in seen:
+                objects = _sample_objects(rng)
+            seen.add(objects)
+            plan[split].append(objects)
+    return plan
+
+
+def _rows(split: str, contents, rng, image_size: int):
+    for index, objects in enumerate(contents):
         templates = rng.permutation(NUM_TEMPLATES)[:5]
         captions = [_caption(int(t), objects, rng) for t in templates]
         yield _draw(objects, image_size, rng), captions, f"demo_{split}_{index:05d}.jpg", split
@@ -144,10 +157,10 @@ def ensure_demo_data(cache_dir: str | None = None, train_images: int = 2000, eva
         os.remove(meta_path)
     print(f"generating demo data ({train_images} train, {eval_images} val, {eval_images} test "
           f"images) in {cache_dir}", flush=True)
-    rng = np.random.default_rng(seed)
-    seen: set = set()
-    for split, count in (("test", eval_images), ("val", eval_images), ("train", train_images)):
-        write_arrow(paths[split], _rows(split, count, rng, seen, image_size))
+    plan = plan_demo(train_images, eval_images, seed)
+    for offset, split in enumerate(("test", "val", "train")):
+        rng = np.random.default_rng([seed, 2, offset])
+        write_arrow(paths[split], _rows(split, plan[split], rng, image_size))
     with open(meta_path + ".tmp", "w") as handle:
         json.dump(params, handle)
     os.replace(meta_path + ".tmp", meta_path)

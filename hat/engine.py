@@ -42,5 +42,5 @@ def train_one_epoch(model, loader, optimizer, device, epoch: int, margin: float,
             optimizer.step()
         total += loss.item()
         steps += 1
-        bar.set_postfix(loss=f"{total / steps:.3f}")
+        bar.set_postfix(loss=f"{total / steps:.3f}", refresh=False)
     return total / max(steps, 1)
