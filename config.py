@@ -10,63 +10,57 @@ ex = Experiment("HAT", save_git_info=False)
 
 @ex.config
 def hat_defaults():
-    exp_name = "hat_f30k"
-    seed = 0
+    exp_name = "hat_f30k"  # name of the experiment (checkpoint folder when no observer)
+    seed = 0  # seeds python, numpy and torch
 
-    # data
     dataset = "f30k"  # f30k | coco | demo
     data_root = None  # folder holding the ViLT-format arrow files (README, "Data")
-    image_size = 224
+    image_size = 224  # input resolution
     image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only
-    max_text_len = 32  # including [CLS] and [SEP]
-    captions_per_image = 5  # test protocol; None keeps every caption
-    num_workers = 8
-    demo_train_images = 2000  # dataset=demo only: size of the generated data set
-    demo_eval_images = 200  # val and test images each
+    max_text_len = 32  # tokens including [CLS] and [SEP]
+    captions_per_image = 5  # test protocol: first 5 captions per image; None keeps every caption
+    num_workers = 8  # data loader processes
+    demo_train_images = 2000  # dataset=demo only: training images generated
+    demo_eval_images = 200  # dataset=demo only: val and test images generated (each)
 
-    # model (spec hat.md sections 1-2)
-    image_backbone = "swin_base_patch4_window7_224.ms_in22k"
-    drop_path_rate = 0.1
-    # Swin architecture overrides (None = the named model's own): used for small backbones
-    swin_embed_dim = None
-    swin_depths = None
-    swin_num_heads = None
-    swin_window_size = None
-    image_pretrained = True
-    text_backbone = "bert-base-uncased"  # hub name, local folder, or packaged-minilm
-    text_pretrained = True
+    image_backbone = "swin_base_patch4_window7_224.ms_in22k"  # timm Swin name
+    image_pretrained = True  # load timm weights (hub download, or image_weights)
+    image_weights = None  # local timm/Microsoft Swin checkpoint (.pth, .bin, .safetensors)
+    drop_path_rate = 0.1  # Swin stochastic depth
+    swin_embed_dim = None  # Swin architecture override (None: the named model's own)
+    swin_depths = None  # Swin architecture override, e.g. [2, 2, 2, 2]
+    swin_num_heads = None  # Swin architecture override
+    swin_window_size = None  # Swin architecture override
+    text_backbone = "bert-base-uncased"  # HF hub name, local folder, or packaged-minilm
+    text_pretrained = True  # load the text backbone's weights
     level_pairs = [[2, 4], [3, 10], [4, 12]]  # (Swin stage, BERT layer), 1-based: low, mid, high
-    embed_dim = 768
-    lambda_softmax = 9.0
+    embed_dim = 768  # width of the six projections
+    lambda_softmax = 9.0  # SCAN attention temperature
     direction = "i2t"  # i2t: regions attend to words; t2i: words attend to regions
 
-    # loss (spec section 3)
-    margin = 0.2
-    vse_warmup_epochs = 0  # epochs summing over all negatives before VSE++'s hardest negative
+    margin = 0.2  # VSE++ triplet margin
+    vse_warmup_epochs = 0  # epochs summing over all negatives before the hardest negative
     same_image_mask = False  # True: captions of the same image in a batch are not negatives
 
-    # optimisation (spec section 4)
-    per_gpu_batchsize = 58
-    learning_rate = 1e-4
-    lr_step_epochs = 10
-    lr_gamma = 0.1
-    max_epoch = 100
+    per_gpu_batchsize = 58  # training batch (captions, each with its image)
+    learning_rate = 1e-4  # Adam, no weight decay
+    lr_step_epochs = 10  # StepLR step
+    lr_gamma = 0.1  # StepLR factor
+    max_epoch = 100  # training epochs
     freeze_image_epochs = 11  # Swin frozen in epochs 0-10, unfrozen at the end of epoch 10
     freeze_text_epochs = 11  # BERT embeddings+encoder likewise (the pooler stays frozen)
-    precision = "fp16"  # fp16 | bf16 | fp32; mixed precision applies on CUDA only
+    precision = "fp16"  # fp16 | bf16 | fp32: mixed precision on CUDA; CPU runs fp32
     device = "auto"  # auto | cpu | cuda | cuda:N
     select_metric = ["i2t_r1", "t2i_r1"]  # best checkpoint = highest sum of these val metrics
 
-    # evaluation
-    eval_batch_size = 128
-    image_tile = None  # score tiles (images x captions); None picks sizes that bound memory
-    caption_tile = None
+    eval_batch_size = 128  # images / captions per encoding batch
+    image_tile = None  # scoring tile (images); None picks a size that bounds memory
+    caption_tile = None  # scoring tile (captions)
 
-    # runs
-    test_only = False
-    checkpoint = None  # with test_only=True: the checkpoint to evaluate
+    test_only = False  # evaluate checkpoint on the test split, no training
+    checkpoint = None  # with test_only=True: a project or released HAT checkpoint
     observer_dir = "runs"  # Sacred FileStorageObserver directory; None records nothing
-    checkpoint_dir = None  # None: the run's own observer directory
+    checkpoint_dir = None  # where checkpoints go; None: the run's observer directory
     progress = True  # progress bars
 
 

@@ -23,6 +23,7 @@ from datamodules.datasets import (CaptionPairs, SplitCaptions, SplitImages, capt
 from datamodules.demo import ensure_demo_data
 from datamodules.transforms import TRANSFORM_NAMES, build_transform
 from hat.checkpoint import CheckpointError, load_model_weights, save_checkpoint
+from hat.encoders import BackboneError, load_tokenizer
 from hat.engine import train_one_epoch
 from hat.evaluation import evaluate, format_table
 from hat.model import build_hat
@@ -115,7 +116,14 @@ def log_metrics(_run, prefix: str, metrics: dict, step: int) -> None:
 
 @ex.main
 def main(_config, _run):
-    c = _config
+    try:
+        return train_and_test(_config, _run)
+    except (DataError, CheckpointError, BackboneError) as error:
+        raise UsageError(str(error)) from None
+
+
+def train_and_test(c, _run) -> dict:
+    """Train (unless test_only), then evaluate the best (or the given) checkpoint on test."""
     seed_everything(c["seed"])
     device = pick_device(c["device"])
     amp_dtype = None
@@ -127,16 +135,14 @@ def main(_config, _run):
         data_root = ensure_demo_data(data_root, c["demo_train_images"], c["demo_eval_images"],
                                      c["image_size"], seed=0)
 
-    from transformers import AutoTokenizer
-    from hat.encoders import resolve_text_backbone
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_text_backbone(c["text_backbone"]))
+    tokenizer = load_tokenizer(c["text_backbone"])
+    # test_only builds the architecture alone: every weight comes from the checkpoint
     model = build_hat(
         c["image_backbone"], c["text_backbone"], c["level_pairs"], embed_dim=c["embed_dim"],
         lambda_softmax=c["lambda_softmax"], direction=c["direction"], image_size=c["image_size"],
         image_pretrained=c["image_pretrained"] and not c["test_only"],
         text_pretrained=c["text_pretrained"] and not c["test_only"],
-        image_backbone_kwargs=swin_kwargs(c),
+        image_weights=c["image_weights"], image_backbone_kwargs=swin_kwargs(c),
     ).to(device)
     test_transform = build_transform(c["image_transform"], c["image_size"], train=False)
 
@@ -152,21 +158,18 @@ def main(_config, _run):
         return metrics
 
     def test(checkpoint_path: str):
-        load_model_weights(model, checkpoint_path)
+        loaded = load_model_weights(model, checkpoint_path)
         _run.info["checkpoint"] = os.path.abspath(checkpoint_path)
+        _run.info["checkpoint_format"] = loaded["format"]
         metrics = eval_split("test")
         print(format_table(metrics, f"test split of {c['dataset']}, checkpoint {checkpoint_path}"),
               flush=True)
         log_metrics(_run, "test", metrics, 0)
         return metrics
 
-    try:
-        if c["test_only"]:
-            return test(c["checkpoint"])
-        best_path = fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split)
-        return test(best_path)
-    except (DataError, CheckpointError) as error:
-        raise UsageError(str(error)) from None
+    if c["test_only"]:
+        return test(c["checkpoint"])
+    return test(fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split))
 
 
 def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> str:

