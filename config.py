@@ -15,6 +15,8 @@ def hat_defaults():
 
     dataset = "f30k"  # f30k | coco | demo
     data_root = None  # folder holding the ViLT-format arrow files (README, "Data")
+    raw_root = None  # prepare_data: folder with the images and dataset_{flickr30k,coco}.json
+    skip_missing_images = False  # prepare_data: leave out images whose file is absent
     image_size = 224  # input resolution
     image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only
     max_text_len = 32  # tokens including [CLS] and [SEP]

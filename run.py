@@ -21,6 +21,7 @@ from datamodules.arrow import SPLIT_FILES
 from datamodules.datasets import (CaptionPairs, SplitCaptions, SplitImages, caption_loader,
                                   image_loader, train_loader)
 from datamodules.demo import ensure_demo_data
+from datamodules.prepare import prepare_dataset
 from datamodules.transforms import TRANSFORM_NAMES, build_transform
 from hat.checkpoint import CheckpointError, load_model_weights, save_checkpoint
 from hat.encoders import BackboneError, load_tokenizer
@@ -210,6 +211,16 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
             best_score = score
             save_checkpoint(best_path, model, optimizer, scheduler, epoch, c, metrics)
     return best_path
+
+
+@ex.command
+def prepare_data(dataset, raw_root, data_root, skip_missing_images, progress):
+    """Write the arrow files of dataset=f30k|coco from raw_root (the images and the
+    Karpathy JSON) into data_root; splits already complete are skipped."""
+    try:
+        return prepare_dataset(dataset, raw_root, data_root, skip_missing_images, progress=progress)
+    except DataError as error:
+        raise UsageError(str(error)) from None
 
 
 if __name__ == "__main__":
