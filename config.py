@@ -63,6 +63,9 @@ def hat_defaults():
     checkpoint = None  # with test_only=True: a project or released HAT checkpoint
     observer_dir = "runs"  # Sacred FileStorageObserver directory; None records nothing
     checkpoint_dir = None  # where checkpoints go; None: the run's observer directory
+    checkpoint_every_steps = 1000  # also write last.ckpt every N training steps (0: epoch ends only)
+    resume = False  # continue the latest run of this configuration in observer_dir
+    resume_from = None  # continue from this last.ckpt (exactly where it stopped)
     progress = True  # progress bars
 
 

@@ -6,14 +6,19 @@
 """
 from __future__ import annotations
 
+import json
 import os
 import random
+import shutil
+import signal
+import sys
 
 import numpy as np
 import torch
 from sacred import SETTINGS
 from sacred.observers import FileStorageObserver
-from sacred.utils import SacredError, apply_backspaces_and_linefeeds
+from sacred.utils import SacredError, SacredInterrupt, apply_backspaces_and_linefeeds
+from tqdm import tqdm
 
 from config import ex
 from datamodules import DataError, check_data_root, open_split
@@ -23,9 +28,9 @@ from datamodules.datasets import (CaptionPairs, SplitCaptions, SplitImages, capt
 from datamodules.demo import ensure_demo_data
 from datamodules.prepare import prepare_dataset
 from datamodules.transforms import TRANSFORM_NAMES, build_transform
-from hat.checkpoint import CheckpointError, load_model_weights, save_checkpoint
+from hat.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from hat.encoders import BackboneError, load_tokenizer
-from hat.engine import train_one_epoch
+from hat.engine import NonFiniteLoss, rng_state, set_rng_state, train_step
 from hat.evaluation import evaluate, format_table
 from hat.model import build_hat
 
@@ -50,7 +55,11 @@ def attach_observer(config, command_name, logger):
     for observer in [o for o in ex.observers if getattr(o, "_hat_default", False)]:
         ex.observers.remove(observer)
     if command_name == "main":
-        validate_config(config)
+        try:
+            validate_config(config)
+        except UsageError as error:  # before any work: one line, exit status 2
+            print(f"ConfigError: {error}", file=sys.stderr)
+            sys.exit(2)
         has_file_observer = any(isinstance(o, FileStorageObserver) for o in ex.observers)
         if config["observer_dir"] and not has_file_observer:
             observer = FileStorageObserver(config["observer_dir"])
@@ -60,25 +69,59 @@ def attach_observer(config, command_name, logger):
 
 
 def validate_config(config):
+    """Check the configuration before any work; raises UsageError naming key and value."""
     def fail(key, allowed):
         raise UsageError(f"{key}={config[key]!r} is not valid; allowed: {allowed}")
 
-    if config["dataset"] not in SPLIT_FILES:
-        fail("dataset", sorted(SPLIT_FILES))
-    if config["direction"] not in ("i2t", "t2i"):
-        fail("direction", ["i2t", "t2i"])
-    if config["image_transform"] not in TRANSFORM_NAMES:
-        fail("image_transform", list(TRANSFORM_NAMES))
-    if config["precision"] not in ("fp16", "bf16", "fp32"):
-        fail("precision", ["fp16", "bf16", "fp32"])
+    choices = {"dataset": sorted(SPLIT_FILES), "direction": ["i2t", "t2i"],
+               "image_transform": list(TRANSFORM_NAMES), "precision": ["fp16", "bf16", "fp32"]}
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            fail(key, allowed)
+    from hat.evaluation import METRIC_KEYS
+
+    if not config["select_metric"] or any(k not in METRIC_KEYS for k in config["select_metric"]):
+        fail("select_metric", f"a list of {list(METRIC_KEYS)}")
+    for key in ("per_gpu_batchsize", "max_epoch", "max_text_len", "eval_batch_size", "embed_dim"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            fail(key, "a positive integer")
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if config["per_gpu_batchsize"] % world_size:
+        fail("per_gpu_batchsize", f"a multiple of the world size {world_size}")
+    if config["captions_per_image"] is not None and (not isinstance(config["captions_per_image"], int)
+                                                     or config["captions_per_image"] < 1):
+        fail("captions_per_image", "a positive integer or None")
+    num_stages = len(config["swin_depths"] or (2, 2, 18, 2))
+    text_depth = known_text_depth(config["text_backbone"])
+    for pair in config["level_pairs"]:
+        if len(pair) != 2 or not 1 <= pair[0] <= num_stages:
+            fail("level_pairs", f"[image stage 1..{num_stages}, text layer] pairs")
+        if not 1 <= pair[1] <= (text_depth or pair[1]):
+            fail("level_pairs", f"text layers 1..{text_depth} of {config['text_backbone']}")
     if config["test_only"] and not config["checkpoint"]:
-        raise UsageError("test_only=True needs checkpoint=PATH (a .ckpt written by a run)")
+        raise UsageError("test_only=True needs checkpoint=PATH (a .ckpt written by a run, or a released one)")
+    for key in ("checkpoint", "resume_from", "image_weights"):
+        if config[key] and not os.path.isfile(config[key]):
+            raise UsageError(f"{key}={config[key]} does not exist; pass the path of an existing file")
     if config["dataset"] != "demo":
         try:
             check_data_root(config["data_root"], config["dataset"],
                             ("test",) if config["test_only"] else ("train", "val", "test"))
         except DataError as error:
             raise UsageError(str(error)) from None
+
+
+def known_text_depth(text_backbone: str) -> int | None:
+    """Layers of the text backbone when known without the network (else None)."""
+    from hat.encoders import OFFLINE_TEXT_MODELS, resolve_text_backbone
+
+    if text_backbone in OFFLINE_TEXT_MODELS:
+        return 12
+    config_file = os.path.join(resolve_text_backbone(text_backbone), "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as handle:
+            return json.load(handle).get("num_hidden_layers")
+    return None
 
 
 def seed_everything(seed: int) -> None:
@@ -173,8 +216,45 @@ def train_and_test(c, _run) -> dict:
     return test(fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split))
 
 
+class TrainingInterrupted(SacredInterrupt, SacredError):
+    """SIGINT/SIGTERM: the current step finished and ``last.ckpt`` was written."""
+
+    STATUS = "INTERRUPTED"
+
+    def __init__(self, message):
+        SacredError.__init__(self, message, print_traceback=False)
+
+
+TrainingInterrupted.__module__ = "builtins"
+
+
+class StopSignals:
+    """The first SIGINT/SIGTERM asks the loop to stop after the current step; a second
+    one exits at once (the default handlers are back)."""
+
+    def __init__(self):
+        self.received = None
+
+    def __enter__(self):
+        self.previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame):
+        self.received = signal.Signals(signum).name
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        print(f"{self.received}: stopping after this step (send it again to exit at once)", flush=True)
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
 def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> str:
-    """Train with validation each epoch; returns the path of the best checkpoint."""
+    """Train with validation each epoch; returns the path of the best checkpoint.
+
+    ``last.ckpt`` is written every ``checkpoint_every_steps`` steps and after every epoch;
+    it holds everything an exact resume needs (see hat/checkpoint.py)."""
     train_data = CaptionPairs(open_split(data_root, c["dataset"], "train"), tokenizer,
                               build_transform(c["image_transform"], c["image_size"], train=True),
                               c["max_text_len"])
@@ -184,33 +264,115 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
     out_dir = run_directory(_run, c["checkpoint_dir"], c["exp_name"])
     best_path, last_path = os.path.join(out_dir, "best.ckpt"), os.path.join(out_dir, "last.ckpt")
+    progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "skipped": 0, "best_score": None}
+
+    def save(path, metrics=None):
+        save_checkpoint(path, model, optimizer, scheduler, progress["epoch"], c, metrics,
+                        step=progress["step"], loss_sum=progress["loss_sum"],
+                        skipped=progress["skipped"], best_score=progress["best_score"],
+                        scaler=scaler.state_dict() if scaler is not None else None, rng=rng_state())
+
+    resume_path = find_resume_checkpoint(c, _run)
+    if resume_path:
+        state = load_checkpoint(resume_path)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        if scaler is not None and state.get("scaler"):
+            scaler.load_state_dict(state["scaler"])
+        progress.update({key: state[key] for key in progress if key != "epoch"}, epoch=state["epoch"])
+        set_rng_state(state["rng"])
+        previous_best = os.path.join(os.path.dirname(resume_path), "best.ckpt")
+        if os.path.isfile(previous_best) and not os.path.exists(best_path):
+            shutil.copyfile(previous_best, best_path + ".tmp")
+            os.replace(best_path + ".tmp", best_path)
+        _run.info["resumed_from"] = {"checkpoint": os.path.abspath(resume_path),
+                                     "epoch": progress["epoch"], "step": progress["step"]}
+        print(f"resuming from {resume_path}: epoch {progress['epoch']}, step {progress['step']}",
+              flush=True)
     _run.info["checkpoint"] = os.path.abspath(best_path)
     print(f"training on {len(train_data)} captions of {len(train_data.split)} images, "
           f"device {device}, checkpoints in {out_dir}", flush=True)
-    best_score = None
-    for epoch in range(c["max_epoch"]):
-        model.set_backbones_trainable(image=epoch >= c["freeze_image_epochs"],
-                                      text=epoch >= c["freeze_text_epochs"])
-        lr = optimizer.param_groups[0]["lr"]
-        loss = train_one_epoch(model, loader, optimizer, device, epoch, c["margin"],
-                               hardest_negative=epoch >= c["vse_warmup_epochs"],
-                               same_image_mask=c["same_image_mask"], scaler=scaler,
-                               amp_dtype=amp_dtype, progress=c["progress"])
-        scheduler.step()
-        metrics = eval_split("val")
-        score = sum(metrics[key] for key in c["select_metric"])
-        _run.log_scalar("train.loss", loss, epoch)
-        _run.log_scalar("train.lr", lr, epoch)
-        log_metrics(_run, "val", metrics, epoch)
-        improved = best_score is None or score > best_score
-        print(f"epoch {epoch}: loss {loss:.4f} lr {lr:.2e} val i2t R@1 {metrics['i2t_r1']:.2f} "
-              f"t2i R@1 {metrics['t2i_r1']:.2f} rsum {metrics['rsum']:.2f}"
-              f"{' (best)' if improved else ''}", flush=True)
-        save_checkpoint(last_path, model, optimizer, scheduler, epoch, c, metrics)
-        if improved:
-            best_score = score
-            save_checkpoint(best_path, model, optimizer, scheduler, epoch, c, metrics)
+
+    with StopSignals() as signals:
+        while progress["epoch"] < c["max_epoch"]:
+            epoch = progress["epoch"]
+            model.train()
+            model.set_backbones_trainable(image=epoch >= c["freeze_image_epochs"],
+                                          text=epoch >= c["freeze_text_epochs"])
+            loader.batch_sampler.set_epoch(epoch, progress["step"])
+            lr = optimizer.param_groups[0]["lr"]
+            bar = tqdm(loader, desc=f"epoch {epoch}", disable=not c["progress"], mininterval=5,
+                       initial=progress["step"], total=progress["step"] + len(loader))
+            for batch in bar:
+                try:
+                    loss, skipped = train_step(
+                        model, batch, optimizer, device, c["margin"],
+                        hardest_negative=epoch >= c["vse_warmup_epochs"],
+                        same_image_mask=c["same_image_mask"], scaler=scaler, amp_dtype=amp_dtype)
+                except NonFiniteLoss as error:
+                    last = last_path if os.path.exists(last_path) else "none yet"
+                    raise UsageError(f"non-finite loss ({error}) at epoch {epoch}, step "
+                                     f"{progress['step']}; last good checkpoint: {last} "
+                                     f"(lower learning_rate, or resume_from it)") from None
+                progress["step"] += 1
+                progress["loss_sum"] += loss
+                progress["skipped"] += int(skipped)
+                bar.set_postfix(loss=f"{progress['loss_sum'] / progress['step']:.3f}", refresh=False)
+                every = c["checkpoint_every_steps"]
+                if signals.received or (every and progress["step"] % every == 0):
+                    save(last_path)
+                if signals.received:
+                    raise TrainingInterrupted(f"{signals.received} at epoch {epoch}, step "
+                                              f"{progress['step']}; resume with resume_from={last_path}")
+            bar.close()
+            loss = progress["loss_sum"] / max(progress["step"], 1)
+            scheduler.step()
+            metrics = eval_split("val")
+            score = sum(metrics[key] for key in c["select_metric"])
+            _run.log_scalar("train.loss", loss, epoch)
+            _run.log_scalar("train.lr", lr, epoch)
+            if scaler is not None:
+                _run.log_scalar("train.amp_skipped_steps", progress["skipped"], epoch)
+            log_metrics(_run, "val", metrics, epoch)
+            improved = progress["best_score"] is None or score > progress["best_score"]
+            print(f"epoch {epoch}: loss {loss:.4f} lr {lr:.2e} val i2t R@1 {metrics['i2t_r1']:.2f} "
+                  f"t2i R@1 {metrics['t2i_r1']:.2f} rsum {metrics['rsum']:.2f}"
+                  f"{' (best)' if improved else ''}", flush=True)
+            progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, skipped=0)
+            if improved:
+                progress["best_score"] = score
+                save(best_path, metrics)
+            save(last_path, metrics)
     return best_path
+
+
+def find_resume_checkpoint(c, _run) -> str | None:
+    """resume_from=PATH, or with resume=True the last.ckpt of the latest recorded run
+    with the same configuration (None: start from scratch)."""
+    if c["resume_from"]:
+        return c["resume_from"]
+    if not c["resume"]:
+        return None
+    observer_dir = c["observer_dir"]
+    ignored = {"resume", "resume_from", "progress"}
+    wanted = {k: v for k, v in json.loads(json.dumps(c)).items() if k not in ignored}
+    candidates = []
+    for name in os.listdir(observer_dir) if observer_dir and os.path.isdir(observer_dir) else []:
+        run_dir = os.path.join(observer_dir, name)
+        last = os.path.join(run_dir, "last.ckpt")
+        if not (name.isdigit() and os.path.isfile(last) and str(_run._id) != name):
+            continue
+        with open(os.path.join(run_dir, "config.json")) as handle:
+            config = {k: v for k, v in json.load(handle).items() if k not in ignored}
+        if config == wanted:
+            candidates.append((int(name), last))
+    if not candidates:
+        print("resume=True: no earlier run with this configuration; starting from scratch", flush=True)
+        return None
+    run_id, last = max(candidates)
+    _run.info["resumed_run"] = run_id
+    return last
 
 
 @ex.command

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from datamodules.arrow import ArrowSplit, DataError
+from datamodules.sampler import GlobalBatchSampler
 
 
 def tokenize(tokenizer, text: str, max_text_len: int) -> list[int]:
@@ -105,11 +106,14 @@ def collate_captions(batch):
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
-def train_loader(dataset: CaptionPairs, batch_size: int, num_workers: int, seed: int):
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(dataset, batch_size=batch_size, shuffle=True, drop_last=True,
-                      num_workers=num_workers, collate_fn=collate_pairs, generator=generator,
-                      persistent_workers=num_workers > 0)
+def train_loader(dataset: CaptionPairs, batch_size: int, num_workers: int, seed: int,
+                 rank: int = 0, world_size: int = 1):
+    """Loader over global batches of ``batch_size`` (this rank's slice of each); call
+    ``loader.batch_sampler.set_epoch(epoch, start_batch)`` before every epoch."""
+    sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size)
+    return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
+                      collate_fn=collate_pairs, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def image_loader(dataset: SplitImages, batch_size: int, num_workers: int):

@@ -69,8 +69,12 @@ def read_checkpoint_file(path: str, map_location="cpu") -> dict:
 
 
 def save_checkpoint(path: str, model, optimizer=None, scheduler=None, epoch: int = -1,
-                    config: dict | None = None, metrics: dict | None = None) -> str:
+                    config: dict | None = None, metrics: dict | None = None, **training_state) -> str:
+    """Write a checkpoint atomically. ``training_state`` holds what an exact resume needs
+    (step within the epoch, GradScaler, RNG states, best score, ...): tensors and plain
+    Python values only."""
     state = {
+        **training_state,
         "format": FORMAT, "version": VERSION, "epoch": int(epoch),
         "model": model.state_dict(),
         "optimizer": optimizer.state_dict() if optimizer is not None else None,

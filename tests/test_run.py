@@ -59,7 +59,7 @@ def test_checkpoint_is_readable_without_sacred(trained):
     _, run, tmp, _ = trained
     state = load_checkpoint(str(tmp / "runs" / str(run._id) / "best.ckpt"))
     assert state["config"]["dataset"] == "demo"
-    assert state["epoch"] in (0, 1)
+    assert state["epoch"] in (1, 2)  # epochs completed
     assert any(key.startswith("image_proj.0") for key in state["model"])
 
 
