@@ -35,6 +35,7 @@ def hat_defaults():
     swin_window_size = None  # Swin architecture override
     text_backbone = "bert-base-uncased"  # HF hub name, local folder, or packaged-minilm
     text_pretrained = True  # load the text backbone's weights
+    text_dropout = None  # None: the text backbone's own dropout; 0.0 turns it off
     level_pairs = [[2, 4], [3, 10], [4, 12]]  # (Swin stage, BERT layer), 1-based: low, mid, high
     embed_dim = 768  # width of the six projections
     lambda_softmax = 9.0  # SCAN attention temperature
@@ -44,7 +45,8 @@ def hat_defaults():
     vse_warmup_epochs = 0  # epochs summing over all negatives before the hardest negative
     same_image_mask = False  # True: captions of the same image in a batch are not negatives
 
-    per_gpu_batchsize = 58  # training batch (captions, each with its image)
+    per_gpu_batchsize = 58  # training batch per process (captions, each with its image)
+    batch_size = None  # global batch over all processes; None: per_gpu_batchsize x world size
     learning_rate = 1e-4  # Adam, no weight decay
     lr_step_epochs = 10  # StepLR step
     lr_gamma = 0.1  # StepLR factor
@@ -67,6 +69,7 @@ def hat_defaults():
     resume = False  # continue the latest run of this configuration in observer_dir
     resume_from = None  # continue from this last.ckpt (exactly where it stopped)
     progress = True  # progress bars
+    log_every_steps = 0  # also log train.step_loss every N steps (0: per-epoch metrics only)
 
 
 @ex.named_config

@@ -30,6 +30,8 @@ from datamodules.prepare import prepare_dataset
 from datamodules.transforms import TRANSFORM_NAMES, build_transform
 from hat.checkpoint import CheckpointError, load_checkpoint, load_model_weights, save_checkpoint
 from hat.encoders import BackboneError, load_tokenizer
+from hat.distributed import (barrier, broadcast_from_main, gather_padded, init_distributed,
+                             is_main_process, world)
 from hat.engine import NonFiniteLoss, rng_state, set_rng_state, train_step
 from hat.evaluation import evaluate, format_table
 from hat.model import build_hat
@@ -61,7 +63,7 @@ def attach_observer(config, command_name, logger):
             print(f"ConfigError: {error}", file=sys.stderr)
             sys.exit(2)
         has_file_observer = any(isinstance(o, FileStorageObserver) for o in ex.observers)
-        if config["observer_dir"] and not has_file_observer:
+        if config["observer_dir"] and not has_file_observer and is_main_process():
             observer = FileStorageObserver(config["observer_dir"])
             observer._hat_default = True
             ex.observers.append(observer)
@@ -85,9 +87,11 @@ def validate_config(config):
     for key in ("per_gpu_batchsize", "max_epoch", "max_text_len", "eval_batch_size", "embed_dim"):
         if not isinstance(config[key], int) or config[key] < 1:
             fail(key, "a positive integer")
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if config["per_gpu_batchsize"] % world_size:
-        fail("per_gpu_batchsize", f"a multiple of the world size {world_size}")
+    world_size = world()[1]
+    if config["batch_size"] is not None and (not isinstance(config["batch_size"], int)
+                                             or config["batch_size"] < 1
+                                             or config["batch_size"] % world_size):
+        fail("batch_size", f"None or a positive multiple of the world size {world_size}")
     if config["captions_per_image"] is not None and (not isinstance(config["captions_per_image"], int)
                                                      or config["captions_per_image"] < 1):
         fail("captions_per_image", "a positive integer or None")
@@ -170,6 +174,9 @@ def train_and_test(c, _run) -> dict:
     """Train (unless test_only), then evaluate the best (or the given) checkpoint on test."""
     seed_everything(c["seed"])
     device = pick_device(c["device"])
+    init_distributed(device.type)
+    if device.type == "cuda" and world()[1] > 1:
+        device = torch.device("cuda", world()[2])
     amp_dtype = None
     if device.type == "cuda" and c["precision"] != "fp32":
         amp_dtype = torch.float16 if c["precision"] == "fp16" else torch.bfloat16
@@ -187,6 +194,7 @@ def train_and_test(c, _run) -> dict:
         image_pretrained=c["image_pretrained"] and not c["test_only"],
         text_pretrained=c["text_pretrained"] and not c["test_only"],
         image_weights=c["image_weights"], image_backbone_kwargs=swin_kwargs(c),
+        text_dropout=c["text_dropout"],
     ).to(device)
     test_transform = build_transform(c["image_transform"], c["image_size"], train=False)
 
@@ -258,15 +266,19 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
     train_data = CaptionPairs(open_split(data_root, c["dataset"], "train"), tokenizer,
                               build_transform(c["image_transform"], c["image_size"], train=True),
                               c["max_text_len"])
-    loader = train_loader(train_data, c["per_gpu_batchsize"], c["num_workers"], c["seed"])
+    rank, world_size, _ = world()
+    loader = train_loader(train_data, c["batch_size"] or c["per_gpu_batchsize"] * world_size,
+                          c["num_workers"], c["seed"], rank, world_size)
     optimizer = torch.optim.Adam(model.parameters(), lr=c["learning_rate"])
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, c["lr_step_epochs"], c["lr_gamma"])
     scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
-    out_dir = run_directory(_run, c["checkpoint_dir"], c["exp_name"])
+    out_dir = broadcast_from_main(run_directory(_run, c["checkpoint_dir"], c["exp_name"]))
     best_path, last_path = os.path.join(out_dir, "best.ckpt"), os.path.join(out_dir, "last.ckpt")
     progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "skipped": 0, "best_score": None}
 
     def save(path, metrics=None):
+        if not is_main_process():  # rank 0 writes the checkpoints
+            return
         save_checkpoint(path, model, optimizer, scheduler, progress["epoch"], c, metrics,
                         step=progress["step"], loss_sum=progress["loss_sum"],
                         skipped=progress["skipped"], best_score=progress["best_score"],
@@ -294,12 +306,17 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
     print(f"training on {len(train_data)} captions of {len(train_data.split)} images, "
           f"device {device}, checkpoints in {out_dir}", flush=True)
 
+    network, trainable = model, None
+    steps_per_epoch = len(train_data) // loader.batch_sampler.batch_size
     with StopSignals() as signals:
         while progress["epoch"] < c["max_epoch"]:
             epoch = progress["epoch"]
             model.train()
             model.set_backbones_trainable(image=epoch >= c["freeze_image_epochs"],
                                           text=epoch >= c["freeze_text_epochs"])
+            if world_size > 1 and model.trainable_names() != trainable:  # DDP syncs what trains
+                trainable = model.trainable_names()
+                network = torch.nn.parallel.DistributedDataParallel(model)
             loader.batch_sampler.set_epoch(epoch, progress["step"])
             lr = optimizer.param_groups[0]["lr"]
             bar = tqdm(loader, desc=f"epoch {epoch}", disable=not c["progress"], mininterval=5,
@@ -307,9 +324,10 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
             for batch in bar:
                 try:
                     loss, skipped = train_step(
-                        model, batch, optimizer, device, c["margin"],
+                        network, batch, optimizer, device, c["margin"],
                         hardest_negative=epoch >= c["vse_warmup_epochs"],
-                        same_image_mask=c["same_image_mask"], scaler=scaler, amp_dtype=amp_dtype)
+                        same_image_mask=c["same_image_mask"], scaler=scaler, amp_dtype=amp_dtype,
+                        gather=gather_padded if world_size > 1 else None)
                 except NonFiniteLoss as error:
                     last = last_path if os.path.exists(last_path) else "none yet"
                     raise UsageError(f"non-finite loss ({error}) at epoch {epoch}, step "
@@ -318,6 +336,8 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
                 progress["step"] += 1
                 progress["loss_sum"] += loss
                 progress["skipped"] += int(skipped)
+                if c["log_every_steps"] and progress["step"] % c["log_every_steps"] == 0:
+                    _run.log_scalar("train.step_loss", loss, epoch * steps_per_epoch + progress["step"])
                 bar.set_postfix(loss=f"{progress['loss_sum'] / progress['step']:.3f}", refresh=False)
                 every = c["checkpoint_every_steps"]
                 if signals.received or (every and progress["step"] % every == 0):
@@ -344,6 +364,7 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
                 progress["best_score"] = score
                 save(best_path, metrics)
             save(last_path, metrics)
+    barrier()  # every rank evaluates best.ckpt, written by rank 0
     return best_path
 
 

@@ -154,15 +154,19 @@ class SwinStages(nn.Module):
 class BertLayers(nn.Module):
     """Hidden states of a transformers BERT after the given encoder layers (1-based)."""
 
-    def __init__(self, model_name: str, layers, pretrained: bool = True):
+    def __init__(self, model_name: str, layers, pretrained: bool = True, dropout: float | None = None):
         super().__init__()
+        from functools import partial
+
         from transformers import BertModel
 
+        overrides = {} if dropout is None else {"hidden_dropout_prob": dropout,
+                                                 "attention_probs_dropout_prob": dropout}
         if pretrained:
             path = resolve_text_backbone(model_name)
+            load = partial(BertModel.from_pretrained, **overrides)
             try:
-                self.bert = (BertModel.from_pretrained(path) if os.path.isdir(path)
-                             else _from_hub_or_cache(BertModel.from_pretrained, path))
+                self.bert = load(path) if os.path.isdir(path) else _from_hub_or_cache(load, path)
             except OSError as error:
                 raise BackboneError(
                     f"text_backbone={model_name}: weights not found locally or on the hub; download "
@@ -170,7 +174,10 @@ class BertLayers(nn.Module):
                     f"text_backbone=DIR"
                 ) from error
         else:
-            self.bert = BertModel(_text_config(model_name))
+            config = _text_config(model_name)
+            for key, value in overrides.items():
+                setattr(config, key, value)
+            self.bert = BertModel(config)
         self.layers = [int(layer) for layer in layers]
         depth = self.bert.config.num_hidden_layers
         bad = [layer for layer in self.layers if not 1 <= layer <= depth]

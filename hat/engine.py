@@ -15,20 +15,23 @@ class NonFiniteLoss(FloatingPointError):
 
 
 def train_step(model, batch, optimizer, device, margin: float, hardest_negative: bool,
-               same_image_mask: bool = False, scaler=None, amp_dtype=None) -> tuple[float, bool]:
+               same_image_mask: bool = False, scaler=None, amp_dtype=None,
+               gather=None) -> tuple[float, bool]:
     """One optimisation step on a batch. Returns (loss, skipped): ``skipped`` is True when
-    fp16 GradScaler dropped the step because of inf/NaN gradients."""
+    fp16 GradScaler dropped the step because of inf/NaN gradients. ``gather`` (DDP)
+    collects the features of every process: the loss then covers the global batch."""
     images = batch["images"].to(device, non_blocking=True)
     input_ids = batch["input_ids"].to(device, non_blocking=True)
     attention_mask = batch["attention_mask"].to(device, non_blocking=True)
     positive_mask = None
     if same_image_mask:
         index = batch["image_index"].to(device)
+        index = gather(index) if gather is not None else index
         positive_mask = index[:, None] == index[None, :]
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype)
                 if amp_dtype is not None else contextlib.nullcontext())
     with autocast:
-        scores = model(images, input_ids, attention_mask)  # [B, B]
+        scores = model(images, input_ids, attention_mask, gather=gather)  # [B, B]
     loss = vse_loss(scores.float(), margin, hardest_negative, positive_mask)
     value = loss.item()
     optimizer.zero_grad(set_to_none=True)

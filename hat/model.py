@@ -64,28 +64,43 @@ class HAT(nn.Module):
             total = level if total is None else total + level
         return total
 
-    def forward(self, images, input_ids, attention_mask) -> torch.Tensor:
-        """Batch score matrix [B_images, B_captions] for training."""
+    def forward(self, images, input_ids, attention_mask, gather=None) -> torch.Tensor:
+        """Batch score matrix [B_images, B_captions] for training. ``gather(tensor,
+        pad_dim)`` (optional) collects every process's features, so that the batch's
+        negatives are global under DistributedDataParallel."""
+        image_features = self.encode_images(images)
+        caption_features = self.encode_captions(input_ids, attention_mask)
         lengths = attention_mask.sum(dim=1)
-        return self.score(self.encode_images(images), self.encode_captions(input_ids, attention_mask),
-                          lengths)
+        if gather is not None:
+            image_features = [gather(f) for f in image_features]
+            caption_features = [gather(f, pad_dim=1) for f in caption_features]
+            lengths = gather(lengths)
+        return self.score(image_features, caption_features, lengths)
 
     def set_backbones_trainable(self, image: bool, text: bool) -> None:
         """HAT trains only the projections while the backbones are frozen (they stay in
         train mode, as in the released code); the BERT pooler is never trained."""
         self.image_encoder.requires_grad_(image)
+        for stage, norm in enumerate(self.image_encoder.stage_norms, start=1):
+            if stage not in self.image_encoder.stages:  # kept for checkpoints, never used
+                norm.requires_grad_(False)
         for param in self.text_encoder.encoder_parameters():
             param.requires_grad_(text)
+
+    def trainable_names(self) -> tuple[str, ...]:
+        return tuple(name for name, param in self.named_parameters() if param.requires_grad)
 
 
 def build_hat(image_backbone: str, text_backbone: str, level_pairs, embed_dim: int = 768,
               lambda_softmax: float = 9.0, direction: str = "i2t", image_size: int = 224,
               image_pretrained: bool = True, text_pretrained: bool = True,
-              image_weights: str | None = None, image_backbone_kwargs: dict | None = None) -> HAT:
+              image_weights: str | None = None, image_backbone_kwargs: dict | None = None,
+              text_dropout: float | None = None) -> HAT:
     """Factory: ``level_pairs`` is a list of (image stage, text layer), both 1-based.
 
     With image_pretrained/text_pretrained False nothing is downloaded or read: the
-    architecture is built and the weights are expected from a checkpoint."""
+    architecture is built and the weights are expected from a checkpoint. ``text_dropout``
+    overrides the text backbone's dropout probabilities (None keeps its own)."""
     from hat.encoders import BertLayers, SwinStages
 
     stages = [int(pair[0]) for pair in level_pairs]
@@ -93,5 +108,5 @@ def build_hat(image_backbone: str, text_backbone: str, level_pairs, embed_dim: i
     image_encoder = SwinStages(image_backbone, stages, pretrained=image_pretrained,
                                weights=image_weights if image_pretrained else None,
                                image_size=image_size, **(image_backbone_kwargs or {}))
-    text_encoder = BertLayers(text_backbone, layers, pretrained=text_pretrained)
+    text_encoder = BertLayers(text_backbone, layers, pretrained=text_pretrained, dropout=text_dropout)
     return HAT(image_encoder, text_encoder, embed_dim, lambda_softmax, direction)

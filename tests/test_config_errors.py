@@ -67,8 +67,9 @@ def test_batch_not_divisible_by_world_size(f30k_root, monkeypatch):
     from run import UsageError, validate_config
 
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(UsageError, match="per_gpu_batchsize=58 is not valid; allowed: a multiple of the world size 4"):
-        validate_config(config_with(f30k_root))
+    with pytest.raises(UsageError, match="batch_size=58 is not valid; allowed: None or a positive multiple of the world size 4"):
+        validate_config(config_with(f30k_root, batch_size=58))
+    validate_config(config_with(f30k_root))  # per_gpu_batchsize x 4 is always divisible
 
 
 def test_demo_text_layers_checked_against_minilm(tmp_path):
