@@ -95,6 +95,25 @@ def _text_config(text_backbone: str):
         ) from error
 
 
+def pretrained_timm_state(model_name: str, weights: str | None, image_size: int, **model_kwargs) -> dict:
+    """The state dict of timm's ``model_name`` with pretrained weights, headless: from the
+    hub (timm downloads) or from ``weights``, a local timm/original checkpoint file."""
+    if weights and not os.path.isfile(weights):
+        raise BackboneError(f"image_weights={weights} does not exist; pass a .pth/.bin/"
+                            f".safetensors checkpoint of {model_name} or image_weights=None")
+    overlay = {"file": os.path.abspath(weights)} if weights else None
+    try:
+        full = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=image_size,
+                                 pretrained_cfg_overlay=overlay, **model_kwargs)
+    except Exception as error:  # network, missing file, foreign layout
+        raise BackboneError(
+            f"image_backbone={model_name}: pretrained weights could not be loaded "
+            f"({error.__class__.__name__}: {str(error).splitlines()[0][:160]}); when offline, "
+            f"download the timm checkpoint and pass image_weights=/path/to/file"
+        ) from error
+    return full.state_dict()
+
+
 class SwinStages(nn.Module):
     """timm Swin features at the given stages (1-based), each through its own LayerNorm.
 
@@ -121,20 +140,7 @@ class SwinStages(nn.Module):
 
     def _load_pretrained(self, model_name, weights, image_size, model_kwargs):
         """Load timm's (hub or local file) weights; the final norm becomes the last stage norm."""
-        overlay = {"file": os.path.abspath(weights)} if weights else None
-        if weights and not os.path.isfile(weights):
-            raise BackboneError(f"image_weights={weights} does not exist; pass a .pth/.bin/"
-                                f".safetensors Swin checkpoint or image_weights=None")
-        try:
-            full = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=image_size,
-                                     pretrained_cfg_overlay=overlay, **model_kwargs)
-        except Exception as error:  # network, missing file, foreign layout
-            raise BackboneError(
-                f"image_backbone={model_name}: pretrained weights could not be loaded "
-                f"({error.__class__.__name__}: {str(error).splitlines()[0][:160]}); when offline, "
-                f"download the timm checkpoint and pass image_weights=/path/to/file"
-            ) from error
-        state = full.state_dict()
+        state = pretrained_timm_state(model_name, weights, image_size, **model_kwargs)
         body_state = {re.sub(r"^layers\.(\d+)\.", r"layers_\1.", k): v for k, v in state.items()
                       if not k.startswith(("norm.", "head."))}
         missing, _ = self.body.load_state_dict(body_state, strict=False)

@@ -16,7 +16,8 @@ import os
 import timm
 from torch import nn
 
-from hat.encoders import BackboneError, _from_hub_or_cache, _text_config, resolve_text_backbone
+from hat.encoders import (BackboneError, _from_hub_or_cache, _text_config, pretrained_timm_state,
+                          resolve_text_backbone)
 
 CLIP_VIT_B16 = "vit_base_patch16_clip_quickgelu_224.openai"
 ROBERTA_BASE_NAMES = {"roberta-base", "FacebookAI/roberta-base"}
@@ -40,21 +41,9 @@ def build_clip_vision(model_name: str = CLIP_VIT_B16, depth: int = 11, pretraine
     vit = timm.create_model(model_name, pretrained=False, num_classes=0, depth=depth,
                             img_size=image_size, **timm_kwargs)
     if pretrained or weights:
-        if weights and not os.path.isfile(weights):
-            raise BackboneError(f"image_weights={weights} does not exist; pass a timm CLIP ViT "
-                                f"checkpoint (.pth, .bin, .safetensors) or image_weights=None")
-        overlay = {"file": os.path.abspath(weights)} if weights else None
-        try:
-            full = timm.create_model(model_name, pretrained=True, num_classes=0, img_size=image_size,
-                                     pretrained_cfg_overlay=overlay, **timm_kwargs)
-        except Exception as error:  # network, missing file, foreign layout
-            raise BackboneError(
-                f"image_backbone={model_name}: pretrained weights could not be loaded "
-                f"({error.__class__.__name__}: {str(error).splitlines()[0][:160]}); when offline, "
-                f"download the timm checkpoint and pass image_weights=/path/to/file"
-            ) from error
+        full = pretrained_timm_state(model_name, weights, image_size, **timm_kwargs)
         own = vit.state_dict()
-        vit.load_state_dict({k: v for k, v in full.state_dict().items() if k in own}, strict=True)
+        vit.load_state_dict({k: v for k, v in full.items() if k in own}, strict=True)
     return vit
 
 

@@ -11,23 +11,15 @@ from PIL import Image
 from hat.checkpoint import CheckpointError, load_model_weights, read_checkpoint_file
 from hat.model import build_hat
 from hat.released import SKIPPED_BUFFERS, to_released_state_dict
-from tests.conftest import ROOT
+from tests.conftest import ROOT, read_key_list
 
-KEY_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "hat_state_dict.txt")
 FULL = dict(image_backbone="swin_base_patch4_window7_224", text_backbone="bert-base-uncased",
             level_pairs=[[2, 4], [3, 10], [4, 12]], image_pretrained=False, text_pretrained=False)
 
 
 def released_layout() -> dict:
     """key -> shape, from the list of the authors' checkpoint keys."""
-    layout = {}
-    with open(KEY_LIST) as handle:
-        for line in handle:
-            if line.startswith("#") or not line.strip():
-                continue
-            key, shape, _ = line.rstrip("\n").split("\t")
-            layout[key] = tuple(int(x) for x in shape.strip("()").split(",") if x.strip())
-    return layout
+    return {key: shape for key, (shape, _) in read_key_list("hat_state_dict.txt").items()}
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """The authors' released Multi-SEA checkpoints: key layout and a full-size round trip
 (ViT-B/16 with 11 blocks + RoBERTa-base, random weights, nothing downloaded)."""
-import os
 
 import pytest
 import torch
@@ -10,21 +9,14 @@ from hat.multisea.model import build_multisea
 from hat.multisea.released import (CLIP_TEXT_LEFTOVERS, is_released_multisea, load_released_state_dict,
                                    to_released_state_dict)
 from hat.multisea.rerank import rerank_scores
+from tests.conftest import read_key_list
 
-KEY_LIST = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data", "multisea_state_dict.txt")
 FULL = dict(image_pretrained=False, text_pretrained=False)  # the defaults are the paper's model
 
 
 def released_layout() -> dict:
     """key -> (shape, dtype), from the list of the authors' checkpoint keys."""
-    layout = {}
-    with open(KEY_LIST) as handle:
-        for line in handle:
-            if line.startswith("#") or not line.strip():
-                continue
-            key, shape, dtype = line.rstrip("\n").split("\t")
-            layout[key] = (tuple(int(x) for x in shape.strip("()").split(",") if x.strip()), dtype.strip())
-    return layout
+    return read_key_list("multisea_state_dict.txt")
 
 
 @pytest.fixture(scope="module")
