@@ -3,15 +3,21 @@
 The protocol (spec evaluation.md): for each query the rank is the number of negatives
 scoring at least as high as its best positive (ties never favour the positive).
 Ranks are computed in chunks of queries on the device holding the score matrix.
+
+Pipeline: `encode_features` (each image and caption once; features stay on the device,
+float16 on CUDA) -> `level_similarities` (one [N_images, N_captions] matrix per level)
+-> optional `ensemble_similarities` (mean over checkpoints) -> `recall` (Flickr30K 1K,
+MSCOCO 5K) or `fold_recall` (MSCOCO 1K: five consecutive folds). `save_features` /
+`load_features` / `feature_cache_path` cache encoded features per checkpoint and split.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 
 import numpy as np
 import torch
-
-from hat.alignment import scan_similarity
 
 METRIC_KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
@@ -79,8 +85,44 @@ def recall(sims, caption_to_image=None) -> dict:
     return {key: metrics[key] for key in METRIC_KEYS}
 
 
+def fold_recall(sims, n_folds: int = 5, caption_to_image=None) -> dict:
+    """MSCOCO 1K protocol: cut the images into ``n_folds`` consecutive folds (with their
+    captions), compute `recall` on each fold's sub-matrix and average every metric over
+    the folds; rsum is the sum of the averaged recalls."""
+    sims = _as_tensor(sims)
+    n_images, n_captions = sims.shape
+    if n_folds < 1 or n_images % n_folds:
+        raise ValueError(f"{n_images} images cannot be cut into {n_folds} equal folds")
+    if caption_to_image is None:
+        caption_to_image = torch.arange(n_captions, device=sims.device) // 5
+    caption_to_image = _as_tensor(caption_to_image).to(device=sims.device, dtype=torch.long)
+    fold_size = n_images // n_folds
+    folds = []
+    for fold in range(n_folds):
+        first = fold * fold_size
+        columns = torch.nonzero((caption_to_image >= first)
+                                & (caption_to_image < first + fold_size)).flatten()
+        folds.append(recall(sims[first:first + fold_size].index_select(1, columns),
+                            caption_to_image[columns] - first))
+    metrics = {key: sum(f[key] for f in folds) / n_folds for key in METRIC_KEYS}
+    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return metrics
+
+
+def level_metrics(level_sims, caption_to_image=None, n_folds: int | None = None) -> dict:
+    """Per-level recalls as flat keys ``level{k}_{metric}``, k = 1.. in level order
+    (low, mid, high for HAT's default level_pairs)."""
+    out = {}
+    for k, sims in enumerate(level_sims, start=1):
+        metrics = (recall(sims, caption_to_image) if n_folds is None
+                   else fold_recall(sims, n_folds, caption_to_image))
+        out.update({f"level{k}_{key}": value for key, value in metrics.items()})
+    return out
+
+
 def format_table(metrics: dict, title: str = "") -> str:
-    """A small fixed-width table of a metrics dict from `recall`."""
+    """A small fixed-width table of a metrics dict from `recall`; per-level rows are
+    added when the dict holds ``level{k}_*`` keys."""
     lines = [title] if title else []
     lines.append(f"{'':>6} {'R@1':>7} {'R@5':>7} {'R@10':>7} {'medr':>6} {'meanr':>8}")
     for direction, label in (("i2t", "i2t"), ("t2i", "t2i")):
@@ -90,25 +132,38 @@ def format_table(metrics: dict, title: str = "") -> str:
             f"{metrics[f'{direction}_meanr']:8.2f}"
         )
     lines.append(f"{'rsum':>6} {metrics['rsum']:7.2f}")
+    k = 1
+    while f"level{k}_rsum" in metrics:
+        m = {key: metrics[f"level{k}_{key}"] for key in METRIC_KEYS}
+        lines.append(f"level {k}: i2t {m['i2t_r1']:.2f}/{m['i2t_r5']:.2f}/{m['i2t_r10']:.2f} "
+                     f"t2i {m['t2i_r1']:.2f}/{m['t2i_r5']:.2f}/{m['t2i_r10']:.2f} "
+                     f"rsum {m['rsum']:.2f}")
+        k += 1
     return "\n".join(lines)
 
 
+def default_feature_dtype(device) -> torch.dtype:
+    """float16 on CUDA (half the memory; the scoring accumulates in fp32), else float32."""
+    return torch.float16 if torch.device(device).type == "cuda" else torch.float32
+
+
 @torch.no_grad()
-def encode_images(model, loader, device) -> list[torch.Tensor]:
-    """Encode every image once -> per level [N_images, R_level, D]."""
+def encode_images(model, loader, device, dtype=torch.float32) -> list[torch.Tensor]:
+    """Encode every image once -> per level [N_images, R_level, D] in ``dtype``."""
     levels = None
     for images in loader:
         features = model.encode_images(images.to(device, non_blocking=True))
         if levels is None:
             levels = [[] for _ in features]
         for store, feature in zip(levels, features):
-            store.append(feature.float())
+            store.append(feature.to(dtype))
     return [torch.cat(store) for store in levels]
 
 
 @torch.no_grad()
-def encode_captions(model, loader, device) -> tuple[list[torch.Tensor], torch.Tensor]:
-    """Encode every caption once -> (per level [N_captions, L_max, D], lengths [N_captions])."""
+def encode_captions(model, loader, device, dtype=torch.float32):
+    """Encode every caption once -> (per level [N_captions, L_max, D] in ``dtype``,
+    lengths [N_captions])."""
     levels, lengths = None, []
     for batch in loader:
         mask = batch["attention_mask"].to(device)
@@ -116,7 +171,7 @@ def encode_captions(model, loader, device) -> tuple[list[torch.Tensor], torch.Te
         if levels is None:
             levels = [[] for _ in features]
         for store, feature in zip(levels, features):
-            store.append(feature.float())
+            store.append(feature.to(dtype))
         lengths.append(mask.sum(dim=1))
     longest = max(f.shape[1] for f in levels[0])
     padded = [torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f in store])
@@ -124,17 +179,102 @@ def encode_captions(model, loader, device) -> tuple[list[torch.Tensor], torch.Te
     return padded, torch.cat(lengths)
 
 
-def evaluate(model, image_loader, caption_loader, caption_to_image, device,
-             image_tile=None, caption_tile=None) -> tuple[dict, torch.Tensor]:
-    """Encode once, score all pairs (sum of the level scores), apply the protocol."""
+def encode_features(model, image_loader, caption_loader, device, dtype=None) -> dict:
+    """{"images": per level [N_images, R, D], "captions": per level [N_captions, L, D],
+    "lengths": [N_captions]}, each image and caption encoded once, in eval mode, stored
+    in ``dtype`` (default: float16 on CUDA, float32 elsewhere)."""
+    dtype = dtype or default_feature_dtype(device)
     was_training = model.training
     model.eval()
     try:
-        image_features = encode_images(model, image_loader, device)
-        caption_features, lengths = encode_captions(model, caption_loader, device)
-        with torch.no_grad():
-            sims = model.score(image_features, caption_features, lengths,
-                               image_tile=image_tile, caption_tile=caption_tile)
+        images = encode_images(model, image_loader, device, dtype)
+        captions, lengths = encode_captions(model, caption_loader, device, dtype)
     finally:
         model.train(was_training)
-    return recall(sims, caption_to_image), sims
+    return {"images": images, "captions": captions, "lengths": lengths}
+
+
+def feature_cache_path(cache_dir: str, checkpoint: str, split: str, extra=()) -> str:
+    """Cache file for the features of ``checkpoint`` on ``split``: keyed by the
+    checkpoint's absolute path, modification time and size, the split and ``extra``
+    (anything else that changes the features: dataset, image size, max_text_len)."""
+    stat = os.stat(checkpoint)
+    key = "|".join([os.path.abspath(checkpoint), str(stat.st_mtime_ns), str(stat.st_size),
+                    split, *map(str, extra)])
+    digest = hashlib.sha1(key.encode()).hexdigest()[:16]
+    stem = os.path.splitext(os.path.basename(checkpoint))[0]
+    return os.path.join(cache_dir, f"{stem}-{split}-{digest}.features.pt")
+
+
+def save_features(path: str, features: dict) -> str:
+    """Write encoded features (moved to CPU, dtype kept) atomically with torch.save."""
+    state = {"format": "hat-features", "version": 1,
+             "images": [f.cpu() for f in features["images"]],
+             "captions": [f.cpu() for f in features["captions"]],
+             "lengths": features["lengths"].cpu()}
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp_path = f"{path}.tmp-{os.getpid()}"
+    try:
+        torch.save(state, tmp_path)
+        os.replace(tmp_path, path)
+    finally:
+        if os.path.exists(tmp_path):
+            os.remove(tmp_path)
+    return path
+
+
+def load_features(path: str, device, dtype=None) -> dict:
+    """Read features written by `save_features` onto ``device`` (in ``dtype`` if given)."""
+    state = torch.load(path, map_location=device, weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != "hat-features":
+        raise ValueError(f"{path} is not a hat-features file")
+    cast = (lambda t: t.to(dtype)) if dtype is not None else (lambda t: t)
+    return {"images": [cast(f) for f in state["images"]],
+            "captions": [cast(f) for f in state["captions"]], "lengths": state["lengths"]}
+
+
+def cached_features(model, image_loader, caption_loader, device, dtype=None,
+                    cache_path: str | None = None) -> dict:
+    """`encode_features`, read from / written to ``cache_path`` when one is given."""
+    if cache_path and os.path.isfile(cache_path):
+        return load_features(cache_path, device, dtype or default_feature_dtype(device))
+    features = encode_features(model, image_loader, caption_loader, device, dtype)
+    if cache_path:
+        save_features(cache_path, features)
+    return features
+
+
+@torch.no_grad()
+def level_similarities(model, features: dict, image_tile=None, caption_tile=None) -> list:
+    """One score matrix [N_images, N_captions] (fp32) per level, through ``model.score``
+    (the model's direction and lambda)."""
+    return [model.score([images], [captions], features["lengths"], image_tile=image_tile,
+                        caption_tile=caption_tile).float()
+            for images, captions in zip(features["images"], features["captions"])]
+
+
+def ensemble_similarities(members: list) -> list:
+    """Mean over ensemble members (e.g. HAT (*) = the i2t model and the t2i model) of
+    their per-level score matrices: members[m][level] -> [level] (sum over levels = the
+    mean of the members' summed matrices)."""
+    if not members:
+        raise ValueError("an ensemble needs at least one member")
+    return [torch.stack(level).mean(dim=0) for level in zip(*members)]
+
+
+def evaluate(model, image_loader, caption_loader, caption_to_image, device,
+             image_tile=None, caption_tile=None, *, feature_dtype=None, cache_path=None,
+             per_level: bool = False) -> tuple[dict, torch.Tensor]:
+    """Encode once (or read ``cache_path``), score all pairs (sum of the level scores),
+    apply the protocol. per_level=True adds ``level{k}_*`` recalls to the metrics."""
+    features = cached_features(model, image_loader, caption_loader, device, feature_dtype,
+                               cache_path)
+    levels = level_similarities(model, features, image_tile, caption_tile)
+    del features
+    sims = levels[0]
+    for level in levels[1:]:  # the same order of additions as model.score
+        sims = sims + level
+    metrics = recall(sims, caption_to_image)
+    if per_level:
+        metrics.update(level_metrics(levels, caption_to_image))
+    return metrics, sims

@@ -249,3 +249,111 @@ def test_gradients_match_reference(direction, tiles):
     pad = pad_mask(lengths)
     assert torch.count_nonzero(cap_impl.grad[pad]) == 0
     assert (cap_impl.grad[~pad].abs().sum(dim=-1) > 0).all()
+
+
+# --------------------------------------------------------------------------------------
+# Tiles, chunks by length, the in-place path, large lambda
+# --------------------------------------------------------------------------------------
+ALL_LENGTHS = list(range(2, MAX_LEN + 1)) * 2  # every length from 2 to L, twice
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("tiles", [(None, None), (3, 5), (1, 1), (4, 7), (2, 3)])
+def test_every_length_and_odd_tiles_match_reference(direction, tiles):
+    images, captions, lengths = make_inputs(7, len(ALL_LENGTHS), seed=20, lengths=ALL_LENGTHS)
+    perm = torch.randperm(len(ALL_LENGTHS), generator=torch.Generator().manual_seed(0))
+    captions, lengths = captions[perm], lengths[perm]  # lengths in no particular order
+    out = scan_similarity(images, captions, lengths, direction=direction,
+                          image_tile=tiles[0], caption_tile=tiles[1])
+    ref = reference_similarity(images, captions, lengths, direction)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_default_tiles_with_small_budget_match_reference(direction, monkeypatch):
+    # shrink the default tile budgets (CPU: evaluation; "cuda": also autograd) so that
+    # the default sizing cuts many chunks and tiles
+    import hat.alignment as alignment
+    for kind in ("cpu", "cuda"):
+        monkeypatch.setitem(alignment.TILE_SCORES, kind, 300)
+        monkeypatch.setitem(alignment.CHUNK_TOKENS, kind, 20)
+    images, captions, lengths = make_inputs(7, len(ALL_LENGTHS), seed=21, lengths=ALL_LENGTHS)
+    with torch.no_grad():
+        out = scan_similarity(images, captions, lengths, direction=direction)
+    ref = reference_similarity(images, captions, lengths, direction)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9)
+    leaf = images.clone().requires_grad_(True)
+    scan_similarity(leaf, captions, lengths, direction=direction).sum().backward()
+    ref_leaf = images.clone().requires_grad_(True)
+    reference_similarity(ref_leaf, captions, lengths, direction).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-6, atol=1e-9)
+
+
+def test_caption_chunks_follow_token_budget():
+    from hat.alignment import _caption_chunks
+    lengths = [2, 2, 3, 5, 5, 5, 7]  # sorted
+    # at most 10 padded tokens per chunk: [2,2,3] -> 9, [5,5] -> 10, [5,7] -> 14 > 10 -> [5], [7]
+    assert _caption_chunks(lengths, None, 10) == [(0, 3), (3, 5), (5, 6), (6, 7)]
+    assert _caption_chunks(lengths, 3, 10) == [(0, 3), (3, 6), (6, 7)]
+    assert _caption_chunks([9], None, 4) == [(0, 1)]  # one caption always fits
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_inplace_path_equals_autograd_path(direction):
+    images, captions, lengths = make_inputs(5, 9, seed=22)
+    with torch.no_grad():
+        fast = scan_similarity(images, captions, lengths, direction=direction, image_tile=2,
+                               caption_tile=4)
+    slow = scan_similarity(images.clone().requires_grad_(True), captions, lengths,
+                           direction=direction, image_tile=2, caption_tile=4)
+    assert slow.requires_grad
+    torch.testing.assert_close(fast, slow.detach(), rtol=1e-12, atol=1e-14)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("lam", [30.0, 100.0])
+def test_large_lambda_is_shifted_and_exact(direction, lam):
+    images, captions, lengths = make_inputs(4, 6, seed=23)
+    out = scan_similarity(images, captions, lengths, direction=direction, lambda_softmax=lam)
+    ref = reference_similarity(images, captions, lengths, direction, lam)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9)
+    out32 = scan_similarity(images.float(), captions.float(), lengths, direction=direction,
+                            lambda_softmax=lam)
+    assert torch.isfinite(out32).all()
+    torch.testing.assert_close(out32.double(), ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_non_finite_padding_is_ignored(direction):
+    images, captions, lengths = make_inputs(3, 5, seed=24)
+    pad = pad_mask(lengths)
+    poisoned = captions.clone()
+    poisoned[pad] = float("nan")
+    poisoned[pad.nonzero()[0, 0], pad.nonzero()[0, 1]] = float("inf")
+    out = scan_similarity(images, poisoned, lengths, direction=direction)
+    ref = reference_similarity(images, captions, lengths, direction)
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("bad", [[0, 3], [3, MAX_LEN + 1]])
+def test_rejects_lengths_outside_1_to_L(bad):
+    images, captions, _ = make_inputs(2, 2, seed=25, lengths=[3, 3])
+    with pytest.raises(ValueError, match="caption_lengths"):
+        scan_similarity(images, captions, torch.tensor(bad))
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("tiles", [(None, None), (2, 3)])
+def test_gradients_every_length_match_reference(direction, tiles):
+    images, captions, lengths = make_inputs(4, len(ALL_LENGTHS), seed=26, lengths=ALL_LENGTHS)
+    weights = torch.randn(4, len(ALL_LENGTHS), generator=torch.Generator().manual_seed(7),
+                          dtype=torch.float64)
+    grads = []
+    for fn in (lambda i, c: scan_similarity(i, c, lengths, direction=direction,
+                                            image_tile=tiles[0], caption_tile=tiles[1]),
+               lambda i, c: reference_similarity(i, c, lengths, direction)):
+        img, cap = images.clone().requires_grad_(True), captions.clone().requires_grad_(True)
+        (fn(img, cap) * weights).sum().backward()
+        grads.append((img.grad, cap.grad))
+    torch.testing.assert_close(grads[0][0], grads[1][0], rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close(grads[0][1], grads[1][1], rtol=1e-6, atol=1e-9)

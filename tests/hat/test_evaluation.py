@@ -277,3 +277,150 @@ def test_matches_literal_reference_random_20x100(rounded, mapping):
     # torch input gives the same numbers
     c2i_t = None if c2i is None else torch.from_numpy(c2i)
     assert_metrics(recall(torch.from_numpy(sims), caption_to_image=c2i_t), expected)
+
+
+# --------------------------------------------------------------------------------------
+# MSCOCO 1K protocol, per-level metrics, ensembles
+# --------------------------------------------------------------------------------------
+from hat.evaluation import (ensemble_similarities, evaluate, feature_cache_path,  # noqa: E402
+                            fold_recall, level_metrics, load_features, save_features)
+
+
+def test_fold_recall_is_the_average_of_five_separate_folds():
+    rng = np.random.default_rng(3)
+    sims = np.round(rng.standard_normal((50, 250)), 1)  # 5 folds of 10 images / 50 captions
+    folds = [recall(sims[10 * k:10 * (k + 1), 50 * k:50 * (k + 1)]) for k in range(5)]
+    expected = {key: sum(f[key] for f in folds) / 5 for key in KEYS}
+    result = fold_recall(sims, n_folds=5)
+    assert_metrics(result, expected)
+    # rsum is the sum of the averaged recalls (here also the mean of the fold rsums)
+    assert result["rsum"] == pytest.approx(
+        sum(result[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10)), abs=1e-9)
+    assert_metrics(fold_recall(torch.from_numpy(sims), n_folds=5), expected)
+
+
+def test_fold_recall_with_explicit_mapping_uses_each_folds_captions():
+    # captions shuffled: fold k holds the captions of images 2k, 2k+1, wherever they are
+    rng = np.random.default_rng(4)
+    c2i = rng.permutation(np.arange(30) // 3)  # 10 images x 3 captions, shuffled
+    sims = rng.standard_normal((10, 30))
+    expected_folds = []
+    for k in range(5):
+        cols = [j for j in range(30) if 2 * k <= c2i[j] < 2 * k + 2]
+        expected_folds.append(recall(sims[2 * k:2 * k + 2][:, cols], c2i[cols] - 2 * k))
+    expected = {key: sum(f[key] for f in expected_folds) / 5 for key in KEYS}
+    assert_metrics(fold_recall(sims, n_folds=5, caption_to_image=c2i), expected)
+
+
+def test_fold_recall_one_fold_is_recall_and_uneven_folds_fail():
+    rng = np.random.default_rng(5)
+    sims = rng.standard_normal((12, 60))
+    assert_metrics(fold_recall(sims, n_folds=1), recall(sims))
+    with pytest.raises(ValueError, match="folds"):
+        fold_recall(sims, n_folds=5)
+
+
+def test_level_metrics_and_ensemble():
+    rng = np.random.default_rng(6)
+    a = [torch.from_numpy(rng.standard_normal((4, 20))) for _ in range(3)]
+    b = [torch.from_numpy(rng.standard_normal((4, 20))) for _ in range(3)]
+    mean = ensemble_similarities([a, b])
+    for level in range(3):
+        torch.testing.assert_close(mean[level], (a[level] + b[level]) / 2)
+    metrics = level_metrics(a)
+    for k in range(3):
+        expected = recall(a[k])
+        assert all(metrics[f"level{k + 1}_{key}"] == expected[key] for key in KEYS)
+    folded = level_metrics(a, n_folds=2)
+    assert folded["level2_rsum"] == pytest.approx(fold_recall(a[1], n_folds=2)["rsum"])
+
+
+# --------------------------------------------------------------------------------------
+# evaluate() end to end with a stub model, feature cache
+# --------------------------------------------------------------------------------------
+class StubModel(torch.nn.Module):
+    """Two levels of fixed random 'features'; score = dot product of mean tokens."""
+
+    def __init__(self):
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.image_table = torch.randn(6, 2, 3, 4, generator=g)  # image, level, R, D
+        self.word_table = torch.randn(50, 2, 4, generator=g)  # token id, level, D
+        self.calls = {"images": 0, "captions": 0}
+
+    def encode_images(self, images):  # images: [B] ids
+        self.calls["images"] += 1
+        return [self.image_table[images.long(), k] for k in range(2)]
+
+    def encode_captions(self, input_ids, attention_mask):
+        self.calls["captions"] += 1
+        return [self.word_table[input_ids, k] * attention_mask[..., None] for k in range(2)]
+
+    def score(self, image_features, caption_features, caption_lengths, image_tile=None,
+              caption_tile=None):
+        total = None
+        for images, captions in zip(image_features, caption_features):
+            level = images.float().mean(1) @ (captions.float().sum(1)
+                                              / caption_lengths[:, None]).t()
+            total = level if total is None else total + level
+        return total
+
+
+def stub_loaders():
+    images = [torch.arange(0, 4), torch.arange(4, 6)]  # two batches of image ids
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for start in (0, 15):  # 30 captions, 5 per image, two batches of different widths
+        width = 5 if start == 0 else 7
+        ids = torch.randint(1, 50, (15, width), generator=g)
+        mask = (torch.arange(width)[None, :] < torch.randint(2, width + 1, (15, 1), generator=g))
+        batches.append({"input_ids": ids * mask, "attention_mask": mask.long()})
+    return images, batches
+
+
+def test_evaluate_scores_levels_and_reports_them(tmp_path):
+    model = StubModel()
+    image_batches, caption_batches = stub_loaders()
+    metrics, sims = evaluate(model, image_batches, caption_batches, None, "cpu")
+    assert sims.shape == (6, 30)
+    assert_metrics(metrics, recall(sims))
+    metrics_levels, sims_levels = evaluate(model, image_batches, caption_batches, None, "cpu",
+                                           per_level=True)
+    torch.testing.assert_close(sims_levels, sims)
+    assert all(metrics_levels[key] == metrics[key] for key in KEYS)
+    assert {f"level{k}_{key}" for k in (1, 2) for key in KEYS} <= set(metrics_levels)
+
+
+def test_feature_cache_skips_encoding(tmp_path):
+    model = StubModel()
+    image_batches, caption_batches = stub_loaders()
+    checkpoint = tmp_path / "best.ckpt"
+    checkpoint.write_bytes(b"weights")
+    path = feature_cache_path(str(tmp_path / "cache"), str(checkpoint), "test", extra=("f30k",))
+    first, sims = evaluate(model, image_batches, caption_batches, None, "cpu", cache_path=path)
+    assert model.calls == {"images": 2, "captions": 2}
+    second, cached_sims = evaluate(model, image_batches, caption_batches, None, "cpu",
+                                   cache_path=path)
+    assert model.calls == {"images": 2, "captions": 2}  # read back, not re-encoded
+    torch.testing.assert_close(cached_sims, sims, rtol=0, atol=0)
+    features = load_features(path, "cpu")
+    assert features["captions"][0].shape == (30, 7, 4) and features["lengths"].shape == (30,)
+    # the key changes with the split, the extra key and the checkpoint file
+    assert feature_cache_path(str(tmp_path), str(checkpoint), "val") != \
+        feature_cache_path(str(tmp_path), str(checkpoint), "test")
+    before = feature_cache_path(str(tmp_path), str(checkpoint), "test")
+    checkpoint.write_bytes(b"new weights")
+    assert feature_cache_path(str(tmp_path), str(checkpoint), "test") != before
+    with pytest.raises(ValueError, match="hat-features"):
+        torch.save({"x": 1}, tmp_path / "bad.pt")
+        load_features(str(tmp_path / "bad.pt"), "cpu")
+
+
+def test_save_and_load_features_keep_dtype(tmp_path):
+    features = {"images": [torch.randn(2, 3, 4).half()], "captions": [torch.randn(5, 6, 4).half()],
+                "lengths": torch.tensor([6, 2, 3, 4, 5])}
+    path = save_features(str(tmp_path / "f.pt"), features)
+    back = load_features(path, "cpu")
+    assert back["images"][0].dtype == torch.float16
+    torch.testing.assert_close(back["captions"][0], features["captions"][0], rtol=0, atol=0)
+    assert load_features(path, "cpu", torch.float32)["images"][0].dtype == torch.float32
