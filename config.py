@@ -60,6 +60,12 @@ def hat_defaults():
     eval_batch_size = 128  # images / captions per encoding batch
     image_tile = None  # scoring tile (images); None picks a size that bounds memory
     caption_tile = None  # scoring tile (captions)
+    per_level = True  # test: also report each level alone (level1_* .. levelK_* in the metrics)
+    eval_folds = None  # test: also the mean over this many consecutive folds (folds_*; MSCOCO 1K: 5)
+    ensemble = []  # test_only: average the level scores of these checkpoints (HAT (*): i2t + t2i model)
+    ensemble_directions = []  # per ensemble member (or for checkpoint=); []: the recorded direction
+    feature_cache = None  # directory for encoded test features per checkpoint (re-scoring skips encoding)
+    feature_dtype = None  # features in memory: fp16 | bf16 | fp32; None: fp16 on CUDA, fp32 on CPU
 
     test_only = False  # evaluate checkpoint on the test split, no training
     checkpoint = None  # with test_only=True: a project or released HAT checkpoint
@@ -77,6 +83,7 @@ def coco_config():
     # MSCOCO (train = train + restval, Karpathy 5K test)
     exp_name = "hat_coco"
     dataset = "coco"
+    eval_folds = 5  # report MSCOCO 1K (5 folds) next to MSCOCO 5K
 
 
 @ex.named_config

@@ -33,7 +33,9 @@ from hat.encoders import BackboneError, load_tokenizer
 from hat.distributed import (barrier, broadcast_from_main, gather_padded, init_distributed,
                              is_main_process, world)
 from hat.engine import NonFiniteLoss, rng_state, set_rng_state, train_step
-from hat.evaluation import evaluate, format_table
+from hat.evaluation import (METRIC_KEYS, cached_features, ensemble_similarities, evaluate,
+                            feature_cache_path, fold_recall, format_table, level_metrics,
+                            level_similarities, recall)
 from hat.model import build_hat
 
 ex.captured_out_filter = apply_backspaces_and_linefeeds
@@ -102,11 +104,35 @@ def validate_config(config):
             fail("level_pairs", f"[image stage 1..{num_stages}, text layer] pairs")
         if not 1 <= pair[1] <= (text_depth or pair[1]):
             fail("level_pairs", f"text layers 1..{text_depth} of {config['text_backbone']}")
-    if config["test_only"] and not config["checkpoint"]:
+    if config["test_only"] and not (config["checkpoint"] or config["ensemble"]):
         raise UsageError("test_only=True needs checkpoint=PATH (a .ckpt written by a run, or a released one)")
     for key in ("checkpoint", "resume_from", "image_weights"):
         if config[key] and not os.path.isfile(config[key]):
             raise UsageError(f"{key}={config[key]} does not exist; pass the path of an existing file")
+    validate_evaluation_config(config, fail)
+
+
+def validate_evaluation_config(config, fail):
+    """The test-time keys: ensemble members, their directions, folds, feature dtype."""
+    ensemble, directions = config["ensemble"], config["ensemble_directions"]
+    if not isinstance(ensemble, (list, tuple)):
+        fail("ensemble", "a list of checkpoint paths, e.g. ensemble=\"['i2t.ckpt','t2i.ckpt']\"")
+    if ensemble:
+        if not config["test_only"] or config["checkpoint"]:
+            raise UsageError("ensemble=[...] evaluates existing checkpoints: use it with test_only=True "
+                             "and without checkpoint=")
+        for path in ensemble:
+            if not os.path.isfile(str(path)):
+                raise UsageError(f"ensemble: {path} does not exist; pass the paths of existing checkpoints")
+    if not isinstance(directions, (list, tuple)) or any(d not in ("i2t", "t2i") for d in directions) \
+            or (directions and len(directions) != max(len(ensemble), 1)):
+        fail("ensemble_directions", "[] (each checkpoint's recorded direction) or one of 'i2t'/'t2i' "
+                                    "per ensemble member")
+    if config["eval_folds"] is not None and (not isinstance(config["eval_folds"], int)
+                                             or config["eval_folds"] < 1):
+        fail("eval_folds", "None or a positive integer (5: the MSCOCO 1K protocol)")
+    if config["feature_dtype"] not in FEATURE_DTYPES:
+        fail("feature_dtype", list(FEATURE_DTYPES))
     if config["dataset"] != "demo":
         try:
             check_data_root(config["data_root"], config["dataset"],
@@ -209,19 +235,81 @@ def train_and_test(c, _run) -> dict:
         )
         return metrics
 
-    def test(checkpoint_path: str):
-        loaded = load_model_weights(model, checkpoint_path)
-        _run.info["checkpoint"] = os.path.abspath(checkpoint_path)
-        _run.info["checkpoint_format"] = loaded["format"]
-        metrics = eval_split("test")
-        print(format_table(metrics, f"test split of {c['dataset']}, checkpoint {checkpoint_path}"),
-              flush=True)
+    def test(checkpoints: list[str]):
+        """Evaluate one checkpoint, or the mean of several checkpoints' level matrices
+        (an ensemble), on the test split: summed-level recalls, per-level recalls and
+        the 1K-fold protocol as configured."""
+        data = open_split(data_root, c["dataset"], "test")
+        captions = SplitCaptions(data, tokenizer, c["max_text_len"], c["captions_per_image"])
+        images = image_loader(SplitImages(data, test_transform), c["eval_batch_size"], c["num_workers"])
+        texts = caption_loader(captions, c["eval_batch_size"], c["num_workers"])
+        members, info = [], []
+        for index, path in enumerate(checkpoints):
+            loaded = load_model_weights(model, path)
+            model.direction = member_direction(c, index, loaded)
+            cache = None
+            if c["feature_cache"]:
+                cache = feature_cache_path(c["feature_cache"], path, "test", extra=(
+                    c["dataset"], data_root, c["image_size"], c["image_transform"],
+                    c["max_text_len"], c["captions_per_image"]))
+            features = cached_features(model, images, texts, device, FEATURE_DTYPES[c["feature_dtype"]],
+                                       cache)
+            members.append(level_similarities(model, features, c["image_tile"], c["caption_tile"]))
+            del features
+            info.append({"checkpoint": os.path.abspath(path), "format": loaded["format"],
+                         "direction": model.direction})
+            print(f"scored {path} ({loaded['format']}, direction {model.direction})", flush=True)
+        _run.info["checkpoint"] = info[0]["checkpoint"] if len(info) == 1 else [m["checkpoint"] for m in info]
+        _run.info["checkpoint_format"] = info[0]["format"]
+        if len(info) > 1:
+            _run.info["ensemble"] = info
+        levels = members[0] if len(members) == 1 else ensemble_similarities(members)
+        del members
+        metrics = protocol_metrics(levels, captions.caption_to_image, c["per_level"], c["eval_folds"])
+        what = checkpoints[0] if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)}"
+        print(format_table(metrics, f"test split of {c['dataset']}, {what}"), flush=True)
+        if "folds_rsum" in metrics:
+            print(format_table({key: metrics[f"folds_{key}"] for key in METRIC_KEYS},
+                               f"mean over {c['eval_folds']} folds of "
+                               f"{len(levels[0]) // c['eval_folds']} images"), flush=True)
         log_metrics(_run, "test", metrics, 0)
         return metrics
 
     if c["test_only"]:
-        return test(c["checkpoint"])
-    return test(fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split))
+        return test(c["ensemble"] or [c["checkpoint"]])
+    return test([fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split)])
+
+
+def member_direction(c, index: int, loaded: dict) -> str:
+    """Scoring direction of checkpoint ``index``: ensemble_directions[index] if given;
+    an ensemble member's recorded direction (project checkpoints); else ``direction``."""
+    if c["ensemble_directions"]:
+        return c["ensemble_directions"][index]
+    if c["ensemble"]:
+        return (loaded.get("config") or {}).get("direction", c["direction"])
+    return c["direction"]
+
+
+FEATURE_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def protocol_metrics(levels: list, caption_to_image, per_level: bool, folds: int | None) -> dict:
+    """The test metrics of per-level score matrices: recalls of their sum (the model's
+    score), optionally ``level{k}_*`` of each level alone and ``folds_*`` (mean over
+    ``folds`` consecutive folds of the images: the MSCOCO 1K protocol)."""
+    sims = levels[0]
+    for level in levels[1:]:  # the order of additions of HAT.score
+        sims = sims + level
+    metrics = recall(sims, caption_to_image)
+    if per_level:
+        metrics.update(level_metrics(levels, caption_to_image))
+    if folds:
+        try:
+            metrics.update({f"folds_{key}": value
+                            for key, value in fold_recall(sims, folds, caption_to_image).items()})
+        except ValueError as error:  # a test split of another size: report the rest
+            print(f"eval_folds={folds}: {error}; the fold metrics are left out", flush=True)
+    return metrics
 
 
 class TrainingInterrupted(SacredInterrupt, SacredError):

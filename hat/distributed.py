@@ -28,22 +28,55 @@ def is_main_process() -> bool:
     return world()[0] == 0
 
 
+def active_world() -> tuple[int, int]:
+    """(rank, world_size) of the initialised process group; (0, 1) without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def pad_dim_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """Zero-pad ``tensor`` at the end of ``dim`` to ``size``."""
+    missing = size - tensor.shape[dim]
+    if missing <= 0:
+        return tensor
+    return F.pad(tensor, [0, 0] * (tensor.dim() - dim - 1) + [0, missing])
+
+
 def gather_padded(tensor: torch.Tensor, pad_dim: int | None = None) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, with autograd: the gradient of each
     rank's piece is summed over ranks. ``pad_dim``: a dim whose size may differ between
     ranks (caption length); it is zero-padded to the largest first."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if active_world()[1] == 1:
         return tensor
     if pad_dim is not None:
         size = torch.tensor([tensor.shape[pad_dim]], device=tensor.device)
         dist.all_reduce(size, op=dist.ReduceOp.MAX)
-        missing = int(size.item()) - tensor.shape[pad_dim]
-        if missing:
-            pad = [0, 0] * (tensor.dim() - pad_dim - 1) + [0, missing]
-            tensor = F.pad(tensor, pad)
+        tensor = pad_dim_to(tensor, pad_dim, int(size.item()))
     import torch.distributed.nn.functional as dist_fn
 
     return torch.cat(dist_fn.all_gather(tensor), dim=0)
+
+
+def shard_range(total: int) -> tuple[int, int]:
+    """This rank's contiguous share [start, stop) of ``total`` items: ranks hold
+    ceil(total / world_size) items each, the last ones fewer (possibly none)."""
+    rank, world_size = active_world()
+    share = -(-total // world_size)
+    start = min(rank * share, total)
+    return start, min(start + share, total)
+
+
+def gather_shards(tensor: torch.Tensor, total: int, pad_dim: int | None = None) -> torch.Tensor:
+    """Inverse of `shard_range`: every rank passes the rows it computed for its share
+    (extra rows beyond the share, e.g. a placeholder on an empty share, are ignored) and
+    gets all ``total`` rows in order. ``pad_dim`` as in `gather_padded`."""
+    rank, world_size = active_world()
+    if world_size == 1:
+        return tensor[:total]
+    start, stop = shard_range(total)
+    share = -(-total // world_size)
+    return gather_padded(pad_dim_to(tensor[:stop - start], 0, share), pad_dim)[:total]
 
 
 def broadcast_from_main(value):

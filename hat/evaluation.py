@@ -19,6 +19,8 @@ import os
 import numpy as np
 import torch
 
+from hat.distributed import active_world, gather_shards, pad_dim_to, shard_range
+
 METRIC_KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
     "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr",
@@ -148,35 +150,62 @@ def default_feature_dtype(device) -> torch.dtype:
 
 
 @torch.no_grad()
+def encode_loader(loader, encode, pad_dims=()) -> list[torch.Tensor]:
+    """Run ``encode(batch) -> tuple of tensors`` over ``loader`` and concatenate each
+    output along dim 0; outputs whose index is in ``pad_dims`` (a collection, or a
+    predicate ``(index, count) -> bool``) have a dim 1 (caption length) that may differ
+    between batches and are zero-padded to the longest.
+
+    Under torchrun the dataset is cut into one contiguous share per rank
+    (`hat.distributed.shard_range`); each rank encodes its share only and the outputs
+    are gathered, so every rank returns the full, ordered result."""
+    sharded = active_world()[1] > 1
+    if sharded:  # (any iterable of batches works on one process)
+        from torch.utils.data import DataLoader, Subset
+
+        total = len(loader.dataset)
+        start, stop = shard_range(total)
+        # an empty share encodes one placeholder item, dropped by gather_shards
+        indices = list(range(start, stop)) or [total - 1]
+        loader = DataLoader(Subset(loader.dataset, indices), batch_size=loader.batch_size,
+                            num_workers=loader.num_workers, collate_fn=loader.collate_fn)
+    outputs = None
+    for batch in loader:
+        result = encode(batch)
+        if outputs is None:
+            outputs = [[] for _ in result]
+        for store, tensor in zip(outputs, result):
+            store.append(tensor)
+    if outputs is None:
+        raise ValueError("nothing to encode: the evaluation loader is empty")
+    padded = pad_dims if callable(pad_dims) else (lambda index, count: index in pad_dims)
+    merged = []
+    for index, store in enumerate(outputs):
+        pad_dim = 1 if padded(index, len(outputs)) else None
+        if pad_dim is not None:
+            longest = max(tensor.shape[1] for tensor in store)
+            store = [pad_dim_to(tensor, 1, longest) for tensor in store]
+        merged.append(gather_shards(torch.cat(store), total, pad_dim) if sharded else torch.cat(store))
+    return merged
+
+
 def encode_images(model, loader, device, dtype=torch.float32) -> list[torch.Tensor]:
-    """Encode every image once -> per level [N_images, R_level, D] in ``dtype``."""
-    levels = None
-    for images in loader:
-        features = model.encode_images(images.to(device, non_blocking=True))
-        if levels is None:
-            levels = [[] for _ in features]
-        for store, feature in zip(levels, features):
-            store.append(feature.to(dtype))
-    return [torch.cat(store) for store in levels]
+    """Encode every image once -> the model's image outputs (HAT: per level
+    [N_images, R_level, D]) in ``dtype``."""
+    return encode_loader(loader, lambda images: [f.to(dtype) for f in model.encode_images(
+        images.to(device, non_blocking=True))])
 
 
-@torch.no_grad()
 def encode_captions(model, loader, device, dtype=torch.float32):
     """Encode every caption once -> (per level [N_captions, L_max, D] in ``dtype``,
     lengths [N_captions])."""
-    levels, lengths = None, []
-    for batch in loader:
+    def encode(batch):
         mask = batch["attention_mask"].to(device)
         features = model.encode_captions(batch["input_ids"].to(device), mask)
-        if levels is None:
-            levels = [[] for _ in features]
-        for store, feature in zip(levels, features):
-            store.append(feature.to(dtype))
-        lengths.append(mask.sum(dim=1))
-    longest = max(f.shape[1] for f in levels[0])
-    padded = [torch.cat([torch.nn.functional.pad(f, (0, 0, 0, longest - f.shape[1])) for f in store])
-              for store in levels]
-    return padded, torch.cat(lengths)
+        return [*(f.to(dtype) for f in features), mask.sum(dim=1)]
+
+    *levels, lengths = encode_loader(loader, encode, pad_dims=lambda index, count: index < count - 1)
+    return levels, lengths
 
 
 def encode_features(model, image_loader, caption_loader, device, dtype=None) -> dict:
@@ -248,8 +277,12 @@ def cached_features(model, image_loader, caption_loader, device, dtype=None,
 def level_similarities(model, features: dict, image_tile=None, caption_tile=None) -> list:
     """One score matrix [N_images, N_captions] (fp32) per level, through ``model.score``
     (the model's direction and lambda)."""
-    return [model.score([images], [captions], features["lengths"], image_tile=image_tile,
-                        caption_tile=caption_tile).float()
+    n_images = len(features["images"][0])
+    start, stop = shard_range(n_images)  # under torchrun each rank scores its share of images
+    rows = slice(start, stop) if stop > start else slice(n_images - 1, n_images)
+    return [gather_shards(model.score([images[rows]], [captions], features["lengths"],
+                                      image_tile=image_tile, caption_tile=caption_tile).float(),
+                          n_images)
             for images, captions in zip(features["images"], features["captions"])]
 
 

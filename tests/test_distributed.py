@@ -112,3 +112,67 @@ def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     assert single.keys() == ddp_grads.keys() and len(single) > 10
     for name, grad in single.items():
         assert torch.allclose(ddp_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def _eval_data(n_images, n_captions):
+    import torch
+
+    from datamodules.datasets import collate_captions
+
+    generator = torch.Generator().manual_seed(2)
+    images = list(torch.randn(n_images, 3, 64, 64, generator=generator))
+    lengths = torch.randint(3, 14, (n_captions,), generator=generator).tolist()
+    captions = [torch.randint(1000, 2000, (n,), generator=generator).tolist() for n in lengths]
+    image_loader = torch.utils.data.DataLoader(images, batch_size=2)
+    caption_loader = torch.utils.data.DataLoader(captions, batch_size=3, collate_fn=collate_captions)
+    return image_loader, caption_loader
+
+
+def _score(n_images, n_captions):
+    from hat.evaluation import encode_features, level_similarities
+
+    model = _tiny_hat().eval()
+    features = encode_features(model, *_eval_data(n_images, n_captions), "cpu")
+    return features, level_similarities(model, features)
+
+
+def _sharded_eval_worker(rank, world_size, port, out_dir, sizes):
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.set_num_threads(1)
+    for n_images, n_captions in sizes:
+        torch.save(_score(n_images, n_captions), os.path.join(out_dir, f"{n_images}-{rank}.pt"))
+    dist.destroy_process_group()
+
+
+def test_sharded_evaluation_equals_single_process(tmp_path):
+    """Under torchrun each rank encodes and scores its share; every rank ends with the
+    single-process features and matrices (uneven shares, and a rank with none)."""
+    import socket
+
+    import torch
+    import torch.multiprocessing as mp
+
+    sizes = [(7, 11), (2, 4)]  # 3 ranks: 3+3+1 images; 1+1+0 images
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(_sharded_eval_worker, args=(3, port, str(tmp_path), sizes), nprocs=3)
+    for n_images, n_captions in sizes:
+        features, sims = _score(n_images, n_captions)
+        for rank in range(3):
+            ranked, ranked_sims = torch.load(tmp_path / f"{n_images}-{rank}.pt")
+            assert torch.equal(ranked["lengths"], features["lengths"])
+            # caption positions beyond a caption's length are padding (their values depend
+            # on the batch it was encoded in): compare the real tokens only
+            real = (torch.arange(features["captions"][0].shape[1])[None]
+                    < features["lengths"][:, None])[..., None]
+            pairs = (list(zip(ranked["images"], features["images"])) + list(zip(ranked_sims, sims))
+                     + [(a * real, b * real) for a, b in zip(ranked["captions"], features["captions"])])
+            assert len(pairs) == 9
+            for ours, theirs in pairs:
+                assert ours.shape == theirs.shape
+                assert torch.allclose(ours, theirs, rtol=1e-5, atol=1e-5), (n_images, rank)

@@ -34,7 +34,8 @@ def test_train_run_records_everything(trained):
     result = record["result"]
     expected = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
                 "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr"}
-    assert set(result) == expected
+    levels = {f"level{k}_{key}" for k in (1, 2, 3) for key in expected}  # per_level=True
+    assert set(result) == expected | levels
     assert result["rsum"] == pytest.approx(sum(result[k] for k in expected if "_r" in k and "medr" not in k and "meanr" not in k))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train.loss"]["steps"] == [0, 1]
@@ -51,6 +52,46 @@ def test_test_only_reproduces_the_metrics(trained):
                    config_updates=dict(updates, test_only=True, checkpoint=str(checkpoint)))
     assert again.result == run.result  # to the last digit
     assert again._id != run._id
+
+
+def test_ensemble_folds_and_feature_cache(trained):
+    """ensemble=[a, b] averages the members' level matrices (here one checkpoint scored
+    i2t and t2i: HAT (*)), eval_folds adds the 1K-fold protocol, feature_cache re-uses
+    the encoded features; checked against the library on the cached features."""
+    import torch
+
+    from hat.alignment import scan_similarity
+    from hat.evaluation import fold_recall, load_features, recall
+
+    ex, run, tmp, updates = trained
+    checkpoint = str(tmp / "runs" / str(run._id) / "best.ckpt")
+    cache = tmp / "features"
+    ensemble = dict(updates, test_only=True, ensemble=[checkpoint, checkpoint],
+                    ensemble_directions=["i2t", "t2i"], eval_folds=3, feature_cache=str(cache))
+    first = ex.run(named_configs=["demo"], config_updates=ensemble).result
+    files = list(cache.iterdir())
+    assert len(files) == 1  # features do not depend on the direction: encoded once
+    features = load_features(str(files[0]), "cpu")
+    levels = []
+    for images, captions in zip(features["images"], features["captions"]):
+        both = [scan_similarity(images, captions, features["lengths"], direction=d, lambda_softmax=9.0)
+                for d in ("i2t", "t2i")]
+        levels.append((both[0] + both[1]) / 2)
+    total = levels[0] + levels[1] + levels[2]
+    expected = recall(total)
+    folds = fold_recall(total, 3)
+    for key, value in expected.items():
+        assert first[key] == pytest.approx(value, abs=1e-6), key
+        assert first[f"folds_{key}"] == pytest.approx(folds[key], abs=1e-6), key
+    for k, level in enumerate(levels, start=1):
+        assert first[f"level{k}_rsum"] == pytest.approx(recall(level)["rsum"], abs=1e-6)
+    assert first["rsum"] != run.result["rsum"] or first["t2i_meanr"] != run.result["t2i_meanr"]
+    mtime = files[0].stat().st_mtime_ns
+    again = ex.run(named_configs=["demo"], config_updates=ensemble).result
+    assert again == first and files[0].stat().st_mtime_ns == mtime  # read, not re-written
+    uneven = ex.run(named_configs=["demo"], config_updates=dict(ensemble, eval_folds=5))
+    assert "eval_folds=5: 12 images cannot be cut into 5 equal folds" in uneven.captured_out
+    assert uneven.result == {k: v for k, v in first.items() if not k.startswith("folds_")}
 
 
 def test_checkpoint_is_readable_without_sacred(trained):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hat.evaluation import METRIC_KEYS, encode_images, recall
+from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, recall
 
 OUTSIDE_TOP_K = -100.0
 
@@ -77,21 +77,16 @@ def rerank_recall(i2t: torch.Tensor, t2i: torch.Tensor, caption_to_image=None) -
     return {key: metrics[key] for key in METRIC_KEYS}
 
 
-@torch.no_grad()
 def encode_caption_set(model, loader, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Encode every caption once -> (f_T [N, D], F_T [N, L, D], mask [N, L]), padded to the
     longest batch (the loader should pad to max_text_len already)."""
-    feats, states, masks = [], [], []
-    for batch in loader:
+    def encode(batch):
         mask = batch["attention_mask"].to(device)
         caption_feats, caption_states = model.encode_captions(batch["input_ids"].to(device), mask)
-        feats.append(caption_feats.float())
-        states.append(caption_states.float())
-        masks.append(mask)
-    longest = max(s.shape[1] for s in states)
-    pad = torch.nn.functional.pad
-    return (torch.cat(feats), torch.cat([pad(s, (0, 0, 0, longest - s.shape[1])) for s in states]),
-            torch.cat([pad(m, (0, longest - m.shape[1])) for m in masks]))
+        return caption_feats.float(), caption_states.float(), mask
+
+    feats, states, mask = encode_loader(loader, encode, pad_dims=(1, 2))
+    return feats, states, mask
 
 
 def evaluate(model, image_loader, caption_loader, caption_to_image, device, k: int = 64,
