@@ -97,7 +97,7 @@ def test_test_only_run_on_pandas_written_files(vilt_f30k, tmp_path):
     run = ex.run(named_configs=["demo"], config_updates=dict(
         tiny, dataset="f30k", data_root=str(root), test_only=True, checkpoint=str(checkpoint),
         observer_dir=str(tmp_path / "runs")))
-    assert run.status == "COMPLETED" and set(run.result) == METRICS
+    assert run.status == "COMPLETED" and METRICS <= set(run.result)  # + per-level keys
     assert 0.0 <= run.result["i2t_r1"] <= 100.0 and 1.0 <= run.result["t2i_medr"] <= 10.0
     assert "test split of f30k" in run.captured_out
 
