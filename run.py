@@ -23,8 +23,7 @@ from tqdm import tqdm
 from config import ex
 from datamodules import DataError, check_data_root, open_split
 from datamodules.arrow import SPLIT_FILES
-from datamodules.datasets import (CaptionPairs, SplitCaptions, SplitImages, caption_loader,
-                                  image_loader, train_loader)
+from datamodules.datasets import SplitCaptions, SplitImages, caption_loader, image_loader, train_loader
 from datamodules.demo import ensure_demo_data
 from datamodules.prepare import prepare_dataset
 from datamodules.transforms import TRANSFORM_NAMES, build_transform
@@ -32,11 +31,11 @@ from hat.checkpoint import CheckpointError, load_checkpoint, load_model_weights,
 from hat.encoders import BackboneError, load_tokenizer
 from hat.distributed import (barrier, broadcast_from_main, gather_padded, init_distributed,
                              is_main_process, world)
-from hat.engine import NonFiniteLoss, rng_state, set_rng_state, train_step
+from hat.engine import NonFiniteLoss, rng_state, set_rng_state
+from hat.recipes import RECIPES
 from hat.evaluation import (METRIC_KEYS, cached_features, ensemble_similarities, evaluate,
                             feature_cache_path, fold_recall, format_table, level_metrics,
                             level_similarities, recall)
-from hat.model import build_hat
 
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 SETTINGS.CAPTURE_MODE = "sys"  # tqdm and print both land in cout.txt
@@ -77,7 +76,7 @@ def validate_config(config):
     def fail(key, allowed):
         raise UsageError(f"{key}={config[key]!r} is not valid; allowed: {allowed}")
 
-    choices = {"dataset": sorted(SPLIT_FILES), "direction": ["i2t", "t2i"],
+    choices = {"model": sorted(RECIPES), "dataset": sorted(SPLIT_FILES), "direction": ["i2t", "t2i"],
                "image_transform": list(TRANSFORM_NAMES), "precision": ["fp16", "bf16", "fp32"]}
     for key, allowed in choices.items():
         if config[key] not in allowed:
@@ -97,6 +96,26 @@ def validate_config(config):
     if config["captions_per_image"] is not None and (not isinstance(config["captions_per_image"], int)
                                                      or config["captions_per_image"] < 1):
         fail("captions_per_image", "a positive integer or None")
+    if config["model"] == "multisea":
+        validate_multisea_config(config, fail)
+    else:
+        validate_levels(config, fail)
+    if config["test_only"] and not (config["checkpoint"] or config["ensemble"]):
+        raise UsageError("test_only=True needs checkpoint=PATH (a .ckpt written by a run, or a released one)")
+    for key in ("checkpoint", "resume_from", "image_weights"):
+        if config[key] and not os.path.isfile(config[key]):
+            raise UsageError(f"{key}={config[key]} does not exist; pass the path of an existing file")
+    validate_evaluation_config(config, fail)
+    if config["dataset"] != "demo":
+        try:
+            check_data_root(config["data_root"], config["dataset"],
+                            ("test",) if config["test_only"] else ("train", "val", "test"))
+        except DataError as error:
+            raise UsageError(str(error)) from None
+
+
+def validate_levels(config, fail):
+    """HAT's level pairs against the backbones' depths."""
     num_stages = len(config["swin_depths"] or (2, 2, 18, 2))
     text_depth = known_text_depth(config["text_backbone"])
     for pair in config["level_pairs"]:
@@ -104,12 +123,24 @@ def validate_config(config):
             fail("level_pairs", f"[image stage 1..{num_stages}, text layer] pairs")
         if not 1 <= pair[1] <= (text_depth or pair[1]):
             fail("level_pairs", f"text layers 1..{text_depth} of {config['text_backbone']}")
-    if config["test_only"] and not (config["checkpoint"] or config["ensemble"]):
-        raise UsageError("test_only=True needs checkpoint=PATH (a .ckpt written by a run, or a released one)")
-    for key in ("checkpoint", "resume_from", "image_weights"):
-        if config[key] and not os.path.isfile(config[key]):
-            raise UsageError(f"{key}={config[key]} does not exist; pass the path of an existing file")
-    validate_evaluation_config(config, fail)
+
+
+def validate_multisea_config(config, fail):
+    """Multi-SEA's keys: fp32 training, micro-batches, ITM layers, single checkpoints."""
+    if config["precision"] != "fp32":
+        fail("precision", "['fp32'] with model=multisea (its recipe trains in fp32)")
+    if not isinstance(config["batch_size"], int) or config["batch_size"] % (config["per_gpu_batchsize"]
+                                                                            * world()[1]):
+        fail("batch_size", f"a multiple of per_gpu_batchsize x world size "
+                           f"({config['per_gpu_batchsize']} x {world()[1]}) with model=multisea")
+    if not config["itm_layers"] or any(not 1 <= layer <= config["fusion_layers"]
+                                       for layer in config["itm_layers"]):
+        fail("itm_layers", f"AFormer layers 1..{config['fusion_layers']} (fusion_layers)")
+    for key in ("top_k", "queue_size", "fusion_layers", "num_agents"):
+        if not isinstance(config[key], int) or config[key] < 1:
+            fail(key, "a positive integer")
+    if config["ensemble"]:
+        fail("ensemble", "[] with model=multisea (ensembles average HAT's level scores)")
 
 
 def validate_evaluation_config(config, fail):
@@ -133,12 +164,6 @@ def validate_evaluation_config(config, fail):
         fail("eval_folds", "None or a positive integer (5: the MSCOCO 1K protocol)")
     if config["feature_dtype"] not in FEATURE_DTYPES:
         fail("feature_dtype", list(FEATURE_DTYPES))
-    if config["dataset"] != "demo":
-        try:
-            check_data_root(config["data_root"], config["dataset"],
-                            ("test",) if config["test_only"] else ("train", "val", "test"))
-        except DataError as error:
-            raise UsageError(str(error)) from None
 
 
 def known_text_depth(text_backbone: str) -> int | None:
@@ -175,14 +200,6 @@ def run_directory(_run, checkpoint_dir, exp_name) -> str:
     return os.path.join("checkpoints", exp_name)
 
 
-def swin_kwargs(c) -> dict:
-    kwargs = {"drop_path_rate": c["drop_path_rate"]}
-    for key in ("embed_dim", "depths", "num_heads", "window_size"):
-        if c[f"swin_{key}"] is not None:
-            kwargs[key] = c[f"swin_{key}"]
-    return kwargs
-
-
 def log_metrics(_run, prefix: str, metrics: dict, step: int) -> None:
     for key, value in metrics.items():
         _run.log_scalar(f"{prefix}.{key}", value, step)
@@ -213,36 +230,33 @@ def train_and_test(c, _run) -> dict:
                                      c["image_size"], seed=0)
 
     tokenizer = load_tokenizer(c["text_backbone"])
+    recipe = RECIPES[c["model"]](c)
     # test_only builds the architecture alone: every weight comes from the checkpoint
-    model = build_hat(
-        c["image_backbone"], c["text_backbone"], c["level_pairs"], embed_dim=c["embed_dim"],
-        lambda_softmax=c["lambda_softmax"], direction=c["direction"], image_size=c["image_size"],
-        image_pretrained=c["image_pretrained"] and not c["test_only"],
-        text_pretrained=c["text_pretrained"] and not c["test_only"],
-        image_weights=c["image_weights"], image_backbone_kwargs=swin_kwargs(c),
-        text_dropout=c["text_dropout"],
-    ).to(device)
+    model = recipe.build_model(pretrained=not c["test_only"]).to(device)
     test_transform = build_transform(c["image_transform"], c["image_size"], train=False)
+    pad = {"pad_id": tokenizer.pad_token_id or 0, "pad_to": recipe.pad_to}
 
-    def eval_split(split: str):
+    def loaders(split: str):
         data = open_split(data_root, c["dataset"], split)
         captions = SplitCaptions(data, tokenizer, c["max_text_len"], c["captions_per_image"])
-        metrics, _ = evaluate(
-            model,
-            image_loader(SplitImages(data, test_transform), c["eval_batch_size"], c["num_workers"]),
-            caption_loader(captions, c["eval_batch_size"], c["num_workers"]),
-            captions.caption_to_image, device, c["image_tile"], c["caption_tile"],
-        )
-        return metrics
+        return (image_loader(SplitImages(data, test_transform), c["eval_batch_size"], c["num_workers"]),
+                caption_loader(captions, c["eval_batch_size"], c["num_workers"], **pad),
+                captions.caption_to_image)
+
+    def eval_split(split: str):
+        return recipe.evaluate(model, *loaders(split), device)
 
     def test(checkpoints: list[str]):
         """Evaluate one checkpoint, or the mean of several checkpoints' level matrices
         (an ensemble), on the test split: summed-level recalls, per-level recalls and
         the 1K-fold protocol as configured."""
-        data = open_split(data_root, c["dataset"], "test")
-        captions = SplitCaptions(data, tokenizer, c["max_text_len"], c["captions_per_image"])
-        images = image_loader(SplitImages(data, test_transform), c["eval_batch_size"], c["num_workers"])
-        texts = caption_loader(captions, c["eval_batch_size"], c["num_workers"])
+        images, texts, caption_to_image = loaders("test")
+        if c["model"] == "multisea":  # ITC shortlist + ITM re-rank
+            loaded = load_model_weights(model, checkpoints[0])
+            _run.info["checkpoint"] = os.path.abspath(checkpoints[0])
+            _run.info["checkpoint_format"] = loaded["format"]
+            metrics = recipe.evaluate(model, images, texts, caption_to_image, device, c["eval_folds"])
+            return report_test(metrics, checkpoints[0])
         members, info = [], []
         for index, path in enumerate(checkpoints):
             loaded = load_model_weights(model, path)
@@ -265,19 +279,21 @@ def train_and_test(c, _run) -> dict:
             _run.info["ensemble"] = info
         levels = members[0] if len(members) == 1 else ensemble_similarities(members)
         del members
-        metrics = protocol_metrics(levels, captions.caption_to_image, c["per_level"], c["eval_folds"])
-        what = checkpoints[0] if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)}"
+        metrics = protocol_metrics(levels, caption_to_image, c["per_level"], c["eval_folds"])
+        return report_test(metrics, checkpoints[0] if len(checkpoints) == 1
+                           else f"ensemble of {len(checkpoints)}")
+
+    def report_test(metrics: dict, what: str) -> dict:
         print(format_table(metrics, f"test split of {c['dataset']}, {what}"), flush=True)
         if "folds_rsum" in metrics:
             print(format_table({key: metrics[f"folds_{key}"] for key in METRIC_KEYS},
-                               f"mean over {c['eval_folds']} folds of "
-                               f"{len(levels[0]) // c['eval_folds']} images"), flush=True)
+                               f"mean over {c['eval_folds']} consecutive folds"), flush=True)
         log_metrics(_run, "test", metrics, 0)
         return metrics
 
     if c["test_only"]:
         return test(c["ensemble"] or [c["checkpoint"]])
-    return test([fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split)])
+    return test([fit(c, _run, recipe, model, tokenizer, data_root, device, amp_dtype, eval_split, pad)])
 
 
 def member_direction(c, index: int, loaded: dict) -> str:
@@ -346,20 +362,19 @@ class StopSignals:
             signal.signal(sig, handler)
 
 
-def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> str:
+def fit(c, _run, recipe, model, tokenizer, data_root, device, amp_dtype, eval_split, pad) -> str:
     """Train with validation each epoch; returns the path of the best checkpoint.
 
     ``last.ckpt`` is written every ``checkpoint_every_steps`` steps and after every epoch;
     it holds everything an exact resume needs (see hat/checkpoint.py)."""
-    train_data = CaptionPairs(open_split(data_root, c["dataset"], "train"), tokenizer,
-                              build_transform(c["image_transform"], c["image_size"], train=True),
-                              c["max_text_len"])
+    train_data = recipe.training_data(open_split(data_root, c["dataset"], "train"), tokenizer,
+                                      build_transform(c["image_transform"], c["image_size"], train=True))
     rank, world_size, _ = world()
     loader = train_loader(train_data, c["batch_size"] or c["per_gpu_batchsize"] * world_size,
-                          c["num_workers"], c["seed"], rank, world_size)
-    optimizer = torch.optim.Adam(model.parameters(), lr=c["learning_rate"])
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, c["lr_step_epochs"], c["lr_gamma"])
-    scaler = torch.amp.GradScaler("cuda") if amp_dtype == torch.float16 else None
+                          c["num_workers"], c["seed"], rank, world_size, **pad)
+    steps_per_epoch = len(train_data) // loader.batch_sampler.batch_size
+    recipe.setup_training(model, steps_per_epoch, amp_dtype)
+    optimizer, scheduler, scaler = recipe.optimizer, recipe.scheduler, recipe.scaler
     out_dir = broadcast_from_main(run_directory(_run, c["checkpoint_dir"], c["exp_name"]))
     best_path, last_path = os.path.join(out_dir, "best.ckpt"), os.path.join(out_dir, "last.ckpt")
     progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "skipped": 0, "best_score": None}
@@ -391,19 +406,19 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
         print(f"resuming from {resume_path}: epoch {progress['epoch']}, step {progress['step']}",
               flush=True)
     _run.info["checkpoint"] = os.path.abspath(best_path)
-    print(f"training on {len(train_data)} captions of {len(train_data.split)} images, "
+    print(f"training on {len(train_data)} {'images' if c['model'] == 'multisea' else 'captions'} of "
+          f"{len(train_data.split)} images, "
           f"device {device}, checkpoints in {out_dir}", flush=True)
 
     network, trainable = model, None
-    steps_per_epoch = len(train_data) // loader.batch_sampler.batch_size
     with StopSignals() as signals:
         while progress["epoch"] < c["max_epoch"]:
             epoch = progress["epoch"]
             model.train()
-            model.set_backbones_trainable(image=epoch >= c["freeze_image_epochs"],
-                                          text=epoch >= c["freeze_text_epochs"])
-            if world_size > 1 and model.trainable_names() != trainable:  # DDP syncs what trains
-                trainable = model.trainable_names()
+            recipe.start_epoch(model, epoch)
+            names = tuple(name for name, param in model.named_parameters() if param.requires_grad)
+            if world_size > 1 and names != trainable:  # DDP syncs what trains
+                trainable = names
                 network = torch.nn.parallel.DistributedDataParallel(model)
             loader.batch_sampler.set_epoch(epoch, progress["step"])
             lr = optimizer.param_groups[0]["lr"]
@@ -411,11 +426,8 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
                        initial=progress["step"], total=progress["step"] + len(loader))
             for batch in bar:
                 try:
-                    loss, skipped = train_step(
-                        network, batch, optimizer, device, c["margin"],
-                        hardest_negative=epoch >= c["vse_warmup_epochs"],
-                        same_image_mask=c["same_image_mask"], scaler=scaler, amp_dtype=amp_dtype,
-                        gather=gather_padded if world_size > 1 else None)
+                    loss, skipped = recipe.step(network, model, batch, device, epoch,
+                                                gather_padded if world_size > 1 else None)
                 except NonFiniteLoss as error:
                     last = last_path if os.path.exists(last_path) else "none yet"
                     raise UsageError(f"non-finite loss ({error}) at epoch {epoch}, step "
@@ -435,7 +447,7 @@ def fit(c, _run, model, tokenizer, data_root, device, amp_dtype, eval_split) -> 
                                               f"{progress['step']}; resume with resume_from={last_path}")
             bar.close()
             loss = progress["loss_sum"] / max(progress["step"], 1)
-            scheduler.step()
+            recipe.end_epoch()
             metrics = eval_split("val")
             score = sum(metrics[key] for key in c["select_metric"])
             _run.log_scalar("train.loss", loss, epoch)

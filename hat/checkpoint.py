@@ -1,4 +1,5 @@
-"""Checkpoints: the project's own, and the authors' released Lightning files.
+"""Checkpoints: the project's own, and the authors' released Lightning files (HAT and
+Multi-SEA).
 
 The project's checkpoint is a plain dict, readable without Sacred:
 
@@ -107,9 +108,12 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
 
 
 def load_model_weights(model, path: str) -> dict:
-    """Load weights into ``model`` from a project checkpoint or a released HAT
-    Lightning checkpoint (detected by its keys). Returns a short description."""
-    from hat.released import is_released_hat, load_released_state_dict
+    """Load weights into ``model`` from a project checkpoint or one of the authors'
+    released Lightning checkpoints, HAT or Multi-SEA (detected by their keys). Returns a
+    short description: {"format", "epoch", ...}."""
+    from hat.multisea.released import is_released_multisea
+    from hat.multisea.released import load_released_state_dict as load_released_multisea
+    from hat.released import is_released_hat, load_released_state_dict as load_released_hat
 
     state = read_checkpoint_file(path)
     if isinstance(state, dict) and state.get("format") == FORMAT:
@@ -125,11 +129,18 @@ def load_model_weights(model, path: str) -> dict:
             )
         return {"format": FORMAT, "epoch": state.get("epoch")}
     released = state.get("state_dict") if isinstance(state, dict) else None
-    if isinstance(released, dict) and is_released_hat(released):
-        try:
-            info = load_released_state_dict(model, released)
-        except ValueError as error:
-            raise CheckpointError(f"checkpoint={path}: {error}") from error
-        return {"format": "released-hat", "epoch": state.get("epoch"), **info}
-    raise CheckpointError(f"checkpoint={path} is neither a {FORMAT} checkpoint nor a released HAT "
-                          f"checkpoint (no 'state_dict' with vit_model.* keys)")
+    kinds = (("released-hat", "HAT", is_released_hat, load_released_hat),
+             ("released-multisea", "Multi-SEA", is_released_multisea, load_released_multisea))
+    for name, title, is_released, load_released in kinds:
+        if isinstance(released, dict) and is_released(released):
+            try:
+                info = load_released(model, released)
+            except ValueError as error:
+                raise CheckpointError(f"checkpoint={path}: {error}") from error
+            except AttributeError as error:  # e.g. a HAT file for a Multi-SEA model
+                raise CheckpointError(f"checkpoint={path} is a released {title} checkpoint; the "
+                                      f"configured model is a {model.__class__.__name__}") from error
+            return {"format": name, "epoch": state.get("epoch"), **info}
+    raise CheckpointError(f"checkpoint={path} is neither a {FORMAT} checkpoint nor a released HAT or "
+                          f"Multi-SEA checkpoint (no 'state_dict' with vit_model.* or "
+                          f"visual_encoder.visual.* keys)")

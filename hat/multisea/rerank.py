@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, recall
+from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, image_folds, mean_over_folds, recall
 
 OUTSIDE_TOP_K = -100.0
 
@@ -90,9 +90,12 @@ def encode_caption_set(model, loader, device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def evaluate(model, image_loader, caption_loader, caption_to_image, device, k: int = 64,
-             pair_batch_size: int = 128) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
+             pair_batch_size: int = 128, n_folds: int | None = None
+             ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """Encode once, ITC shortlist, ITM re-rank, recall protocol.
-    Returns (metrics, (i2t, t2i) score matrices)."""
+    Returns (metrics, (i2t, t2i) score matrices). With ``n_folds`` the metrics also hold
+    ``folds_*``: the mean over consecutive folds of the images (MSCOCO 1K), each fold
+    shortlisted and re-ranked within itself; left out when the images do not divide."""
     was_training = model.training
     model.eval()
     try:
@@ -100,6 +103,22 @@ def evaluate(model, image_loader, caption_loader, caption_to_image, device, k: i
         text_feats, text_states, text_mask = encode_caption_set(model, caption_loader, device)
         i2t, t2i = rerank_scores(model, image_feats, image_states, text_feats, text_states, text_mask,
                                  k=k, pair_batch_size=pair_batch_size)
+        metrics = rerank_recall(i2t, t2i, caption_to_image)
+        if n_folds:
+            try:
+                folds = list(image_folds(len(image_feats), n_folds, caption_to_image, len(text_feats)))
+            except ValueError as error:
+                print(f"eval_folds={n_folds}: {error}; the fold metrics are left out", flush=True)
+                folds = []
+            per_fold = []
+            for rows, columns, fold_to_image in folds:
+                columns = columns.cpu()
+                fold = rerank_scores(model, image_feats[rows], image_states[rows], text_feats[columns],
+                                     text_states[columns], text_mask[columns], k=k,
+                                     pair_batch_size=pair_batch_size)
+                per_fold.append(rerank_recall(*fold, fold_to_image))
+            if per_fold:
+                metrics.update({f"folds_{key}": value for key, value in mean_over_folds(per_fold).items()})
     finally:
         model.train(was_training)
-    return rerank_recall(i2t, t2i, caption_to_image), (i2t, t2i)
+    return metrics, (i2t, t2i)
