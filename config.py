@@ -23,7 +23,7 @@ def hat_defaults():
     raw_root = None  # prepare_data: folder with the images and dataset_{flickr30k,coco}.json
     skip_missing_images = False  # prepare_data: leave out images whose file is absent
     image_size = 224  # input resolution
-    image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only
+    image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only; clip: CLIP resize+crop+norm
     max_text_len = 32  # tokens including [CLS] and [SEP]
     captions_per_image = 5  # test protocol: first 5 captions per image; None keeps every caption
     num_workers = 8  # data loader processes
@@ -77,6 +77,7 @@ def hat_defaults():
     vision_depth = 11  # CLIP ViT blocks kept (of 12)
     frozen_vision_blocks = 7  # first blocks frozen
     freeze_vision_stem = True  # patch embedding, class/positional embeddings, ln_pre frozen
+    freeze_text_encoder = False  # True keeps the whole text backbone frozen (the demo's MiniLM)
     fusion_layers = 4  # AFormer layers
     fusion_heads = 12  # AFormer heads
     fusion_mlp_ratio = 4  # Dual-Gate FFN width = ratio x embed_dim
@@ -84,6 +85,7 @@ def hat_defaults():
     num_agents = 40  # agent tokens of the agent cross-attention
     activation = "hard_swish_clip1"  # Dual-Gate FFN activation (the released checkpoints' variant)
     queue_size = 1000  # ITC negative queue
+    temp_init = 1.0  # initial ITC temperature tau (learnable, clamped to [0.1, 3.0])
     itm_layers = [2, 4]  # hierarchical ITM after these AFormer layers
     top_k = 64  # test: ITM re-ranks each query's top-k ITC candidates
     encoder_lr = 1e-6  # AdamW group of the two backbones (learning_rate: fusion, projections, heads)
@@ -151,22 +153,26 @@ def hat_defaults():
         else:
             image_backbone = "vit_base_patch16_clip_quickgelu_224"  # architecture only
             image_backbone_kwargs = {"patch_size": 8, "embed_dim": 128, "num_heads": 4}
+            image_transform = "clip"  # at 64 px: the CLIP normalisation only
             vision_depth = 4
-            frozen_vision_blocks = 0  # random weights: everything trains
+            frozen_vision_blocks = 0  # random weights: the whole ViT trains
             freeze_vision_stem = False
+            freeze_text_encoder = True  # MiniLM is pretrained: keep it frozen
             embed_dim = 128
-            fusion_layers = 2
+            fusion_layers = 1
             fusion_heads = 4
-            itm_layers = [1, 2]
+            fusion_mlp_ratio = 2
+            fusion_dropout = 0.0
+            itm_layers = [1]
             num_agents = 16
-            queue_size = 256
+            queue_size = 64
+            temp_init = 0.3
             top_k = 16
             batch_size = 64
             per_gpu_batchsize = 64
-            learning_rate = 5e-4
-            encoder_lr = 5e-5
-            max_epoch = 4
-            checkpoint_every_steps = 1000
+            learning_rate = 3e-4
+            encoder_lr = 3e-4
+            max_epoch = 10
 
 
 @ex.named_config

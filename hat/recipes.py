@@ -94,7 +94,7 @@ class MultiSEARecipe:
         from hat.multisea import build_multisea
 
         c = self.c
-        return build_multisea(
+        model = build_multisea(
             c["image_backbone"], c["text_backbone"], vision_depth=c["vision_depth"],
             image_size=c["image_size"], image_pretrained=c["image_pretrained"] and pretrained,
             text_pretrained=c["text_pretrained"] and pretrained, image_weights=c["image_weights"],
@@ -103,7 +103,11 @@ class MultiSEARecipe:
             embed_dim=c["embed_dim"], num_layers=c["fusion_layers"], num_heads=c["fusion_heads"],
             mlp_ratio=c["fusion_mlp_ratio"], dropout=c["fusion_dropout"], num_agents=c["num_agents"],
             activation=c["activation"], queue_size=c["queue_size"], itm_layers=c["itm_layers"],
+            temp_init=c["temp_init"],
         )
+        if c["freeze_text_encoder"]:
+            model.text_encoder.requires_grad_(False)
+        return model
 
     def training_data(self, split, tokenizer, transform):
         return OneCaptionPerImage(split, tokenizer, transform, self.c["max_text_len"], self.c["seed"])
