@@ -4,7 +4,7 @@
 import pytest
 import torch
 
-from hat.checkpoint import read_checkpoint_file
+from hat.checkpoint import load_model_weights, read_checkpoint_file
 from hat.multisea.model import build_multisea
 from hat.multisea.released import (CLIP_TEXT_LEFTOVERS, is_released_multisea, load_released_state_dict,
                                    to_released_state_dict)
@@ -75,7 +75,8 @@ def test_lightning_file_round_trip_gives_identical_scores(full_model, lightning_
     probe = torch.randn(1, 3, 224, 224)
     with torch.no_grad():
         before = fresh.encode_images(probe)[0]
-    info = load_released_state_dict(fresh, state["state_dict"])
+    info = load_model_weights(fresh, str(lightning_file))  # the runner's safe loading path
+    assert info["format"] == "released-multisea"
     after, expected = _scores(fresh), _scores(full_model)
     assert info["loaded"] == len(released_layout()) - len(CLIP_TEXT_LEFTOVERS)
     assert info["skipped"] == sorted(CLIP_TEXT_LEFTOVERS)
