@@ -145,6 +145,7 @@ def _sharded_eval_worker(rank, world_size, port, out_dir, sizes):
     torch.set_num_threads(1)
     for n_images, n_captions in sizes:
         torch.save(_score(n_images, n_captions), os.path.join(out_dir, f"{n_images}-{rank}.pt"))
+    dist.barrier()  # no rank tears gloo down while another still talks to it
     dist.destroy_process_group()
 
 

@@ -16,8 +16,8 @@ import os
 import timm
 from torch import nn
 
-from hat.encoders import (BackboneError, _from_hub_or_cache, _text_config, pretrained_timm_state,
-                          resolve_text_backbone)
+from hat.encoders import (BackboneError, _from_hub_or_cache, _text_config, download_hint,
+                          pretrained_timm_state, resolve_text_backbone)
 
 CLIP_VIT_B16 = "vit_base_patch16_clip_quickgelu_224.openai"
 ROBERTA_BASE_NAMES = {"roberta-base", "FacebookAI/roberta-base"}
@@ -79,9 +79,8 @@ def build_text_encoder(text_backbone: str = "roberta-base", pretrained: bool = T
                      else _from_hub_or_cache(AutoModel.from_pretrained, path))
         except OSError as error:
             raise BackboneError(
-                f"text_backbone={text_backbone}: weights not found locally or on the hub; download "
-                f"them (huggingface-cli download {text_backbone} --local-dir DIR) and pass "
-                f"text_backbone=DIR"
+                f"text_backbone={text_backbone}: weights not found locally or on the hub; "
+                f"{download_hint(text_backbone)}"
             ) from error
     else:
         model = AutoModel.from_config(text_config(text_backbone))
