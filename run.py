@@ -33,9 +33,8 @@ from hat.distributed import (barrier, broadcast_from_main, gather_padded, init_d
                              is_main_process, world)
 from hat.engine import NonFiniteLoss, rng_state, set_rng_state
 from hat.recipes import RECIPES
-from hat.evaluation import (METRIC_KEYS, cached_features, ensemble_similarities, evaluate,
-                            feature_cache_path, fold_recall, format_table, level_metrics,
-                            level_similarities, recall)
+from hat.evaluation import (METRIC_KEYS, cached_features, ensemble_similarities,
+                            feature_cache_path, format_table, level_similarities, protocol_metrics)
 
 ex.captured_out_filter = apply_backspaces_and_linefeeds
 SETTINGS.CAPTURE_MODE = "sys"  # tqdm and print both land in cout.txt
@@ -279,7 +278,7 @@ def train_and_test(c, _run) -> dict:
             _run.info["ensemble"] = info
         levels = members[0] if len(members) == 1 else ensemble_similarities(members)
         del members
-        metrics = protocol_metrics(levels, caption_to_image, c["per_level"], c["eval_folds"])
+        metrics, _ = protocol_metrics(levels, caption_to_image, c["per_level"], c["eval_folds"])
         return report_test(metrics, checkpoints[0] if len(checkpoints) == 1
                            else f"ensemble of {len(checkpoints)}")
 
@@ -307,25 +306,6 @@ def member_direction(c, index: int, loaded: dict) -> str:
 
 
 FEATURE_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-
-
-def protocol_metrics(levels: list, caption_to_image, per_level: bool, folds: int | None) -> dict:
-    """The test metrics of per-level score matrices: recalls of their sum (the model's
-    score), optionally ``level{k}_*`` of each level alone and ``folds_*`` (mean over
-    ``folds`` consecutive folds of the images: the MSCOCO 1K protocol)."""
-    sims = levels[0]
-    for level in levels[1:]:  # the order of additions of HAT.score
-        sims = sims + level
-    metrics = recall(sims, caption_to_image)
-    if per_level:
-        metrics.update(level_metrics(levels, caption_to_image))
-    if folds:
-        try:
-            metrics.update({f"folds_{key}": value
-                            for key, value in fold_recall(sims, folds, caption_to_image).items()})
-        except ValueError as error:  # a test split of another size: report the rest
-            print(f"eval_folds={folds}: {error}; the fold metrics are left out", flush=True)
-    return metrics
 
 
 class TrainingInterrupted(SacredInterrupt, SacredError):

@@ -58,30 +58,32 @@ def gather_padded(tensor: torch.Tensor, pad_dim: int | None = None) -> torch.Ten
     return torch.cat(dist_fn.all_gather(tensor), dim=0)
 
 
+def _share(total: int, world_size: int) -> int:
+    return -(-total // world_size)  # ceil(total / world_size)
+
+
 def shard_range(total: int) -> tuple[int, int]:
     """This rank's contiguous share [start, stop) of ``total`` items: ranks hold
     ceil(total / world_size) items each, the last ones fewer (possibly none)."""
     rank, world_size = active_world()
-    share = -(-total // world_size)
-    start = min(rank * share, total)
-    return start, min(start + share, total)
+    start = min(rank * _share(total, world_size), total)
+    return start, min(start + _share(total, world_size), total)
 
 
 def gather_shards(tensor: torch.Tensor, total: int, pad_dim: int | None = None) -> torch.Tensor:
     """Inverse of `shard_range`: every rank passes the rows it computed for its share
     (extra rows beyond the share, e.g. a placeholder on an empty share, are ignored) and
     gets all ``total`` rows in order. ``pad_dim`` as in `gather_padded`."""
-    rank, world_size = active_world()
+    world_size = active_world()[1]
     if world_size == 1:
         return tensor[:total]
     start, stop = shard_range(total)
-    share = -(-total // world_size)
-    return gather_padded(pad_dim_to(tensor[:stop - start], 0, share), pad_dim)[:total]
+    return gather_padded(pad_dim_to(tensor[:stop - start], 0, _share(total, world_size)), pad_dim)[:total]
 
 
 def broadcast_from_main(value):
     """Rank 0's ``value`` on every rank (any picklable object)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+    if active_world()[1] == 1:
         return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
@@ -89,5 +91,5 @@ def broadcast_from_main(value):
 
 
 def barrier() -> None:
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if active_world()[1] > 1:
         dist.barrier()

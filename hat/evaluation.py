@@ -76,6 +76,11 @@ def _summarise(ranks: torch.Tensor, prefix: str) -> dict:
     return out
 
 
+def recall_sum(metrics: dict) -> float:
+    """rSum: i2t R@1 + R@5 + R@10 + t2i R@1 + R@5 + R@10."""
+    return sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+
+
 def recall(sims, caption_to_image=None) -> dict:
     """Recall@1/5/10, medr, meanr in both directions and rsum for sims [N_images, N_captions].
 
@@ -83,7 +88,7 @@ def recall(sims, caption_to_image=None) -> dict:
     """
     i2t, t2i = retrieval_ranks(sims, caption_to_image)
     metrics = {**_summarise(i2t, "i2t"), **_summarise(t2i, "t2i")}
-    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    metrics["rsum"] = recall_sum(metrics)
     return {key: metrics[key] for key in METRIC_KEYS}
 
 
@@ -106,7 +111,7 @@ def image_folds(n_images: int, n_folds: int, caption_to_image=None, n_captions: 
 def mean_over_folds(folds: list[dict]) -> dict:
     """Every metric averaged over the folds; rsum = the sum of the averaged recalls."""
     metrics = {key: sum(f[key] for f in folds) / len(folds) for key in METRIC_KEYS}
-    metrics["rsum"] = sum(metrics[f"{d}_r{k}"] for d in ("i2t", "t2i") for k in (1, 5, 10))
+    metrics["rsum"] = recall_sum(metrics)
     return metrics
 
 
@@ -119,6 +124,45 @@ def fold_recall(sims, n_folds: int = 5, caption_to_image=None) -> dict:
         recall(sims[rows].index_select(1, columns), fold_to_image)
         for rows, columns, fold_to_image in image_folds(*sims.shape[:1], n_folds, caption_to_image,
                                                         sims.shape[1], sims.device)])
+
+
+def fold_metrics(score_fold, n_folds: int, n_images: int, caption_to_image=None,
+                 n_captions: int | None = None, device=None) -> dict:
+    """``folds_*`` keys: every metric of ``score_fold(image rows, caption columns, the
+    fold's caption_to_image) -> metrics dict`` averaged over the `image_folds`. When the
+    images cannot be cut into ``n_folds`` equal folds (a test split of another size) this
+    says so and returns {}: the other metrics are still reported."""
+    try:
+        folds = list(image_folds(n_images, n_folds, caption_to_image, n_captions, device))
+    except ValueError as error:
+        print(f"eval_folds={n_folds}: {error}; the fold metrics are left out", flush=True)
+        return {}
+    return {f"folds_{key}": value
+            for key, value in mean_over_folds([score_fold(*fold) for fold in folds]).items()}
+
+
+def summed_levels(levels: list) -> torch.Tensor:
+    """The model's score: the level matrices added in HAT.score's order."""
+    sims = levels[0]
+    for level in levels[1:]:
+        sims = sims + level
+    return sims
+
+
+def protocol_metrics(levels: list, caption_to_image=None, per_level: bool = False,
+                     n_folds: int | None = None) -> tuple[dict, torch.Tensor]:
+    """(metrics, summed matrix) of per-level score matrices: the recalls of their sum,
+    optionally ``level{k}_*`` (each level alone) and ``folds_*`` (`fold_metrics`: the
+    MSCOCO 1K protocol)."""
+    sims = summed_levels(levels)
+    metrics = recall(sims, caption_to_image)
+    if per_level:
+        metrics.update(level_metrics(levels, caption_to_image))
+    if n_folds:
+        metrics.update(fold_metrics(
+            lambda rows, columns, fold_to_image: recall(sims[rows].index_select(1, columns), fold_to_image),
+            n_folds, sims.shape[0], caption_to_image, sims.shape[1], sims.device))
+    return metrics, sims
 
 
 def level_metrics(level_sims, caption_to_image=None, n_folds: int | None = None) -> dict:
@@ -314,10 +358,4 @@ def evaluate(model, image_loader, caption_loader, caption_to_image, device,
                                cache_path)
     levels = level_similarities(model, features, image_tile, caption_tile)
     del features
-    sims = levels[0]
-    for level in levels[1:]:  # the same order of additions as model.score
-        sims = sims + level
-    metrics = recall(sims, caption_to_image)
-    if per_level:
-        metrics.update(level_metrics(levels, caption_to_image))
-    return metrics, sims
+    return protocol_metrics(levels, caption_to_image, per_level)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, image_folds, mean_over_folds, recall
+from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, fold_metrics, recall, recall_sum
 
 OUTSIDE_TOP_K = -100.0
 
@@ -73,7 +73,7 @@ def rerank_recall(i2t: torch.Tensor, t2i: torch.Tensor, caption_to_image=None) -
     from_i2t, from_t2i = recall(i2t, caption_to_image), recall(t2i, caption_to_image)
     metrics = {key: (from_i2t if key.startswith("i2t") else from_t2i)[key]
                for key in METRIC_KEYS if key != "rsum"}
-    metrics["rsum"] = sum(metrics[f"{d}_r{r}"] for d in ("i2t", "t2i") for r in (1, 5, 10))
+    metrics["rsum"] = recall_sum(metrics)
     return {key: metrics[key] for key in METRIC_KEYS}
 
 
@@ -104,21 +104,12 @@ def evaluate(model, image_loader, caption_loader, caption_to_image, device, k: i
         i2t, t2i = rerank_scores(model, image_feats, image_states, text_feats, text_states, text_mask,
                                  k=k, pair_batch_size=pair_batch_size)
         metrics = rerank_recall(i2t, t2i, caption_to_image)
-        if n_folds:
-            try:
-                folds = list(image_folds(len(image_feats), n_folds, caption_to_image, len(text_feats)))
-            except ValueError as error:
-                print(f"eval_folds={n_folds}: {error}; the fold metrics are left out", flush=True)
-                folds = []
-            per_fold = []
-            for rows, columns, fold_to_image in folds:
-                columns = columns.cpu()
-                fold = rerank_scores(model, image_feats[rows], image_states[rows], text_feats[columns],
-                                     text_states[columns], text_mask[columns], k=k,
-                                     pair_batch_size=pair_batch_size)
-                per_fold.append(rerank_recall(*fold, fold_to_image))
-            if per_fold:
-                metrics.update({f"folds_{key}": value for key, value in mean_over_folds(per_fold).items()})
+        if n_folds:  # each fold shortlisted and re-ranked within itself
+            metrics.update(fold_metrics(
+                lambda rows, columns, fold_to_image: rerank_recall(*rerank_scores(
+                    model, image_feats[rows], image_states[rows], text_feats[columns], text_states[columns],
+                    text_mask[columns], k=k, pair_batch_size=pair_batch_size), fold_to_image),
+                n_folds, len(image_feats), caption_to_image, len(text_feats)))
     finally:
         model.train(was_training)
     return metrics, (i2t, t2i)
