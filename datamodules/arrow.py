@@ -182,6 +182,24 @@ class ArrowSplit:
             ) from error
 
 
+def fewest_captions(data_root: str, dataset: str, split: str) -> tuple[int, str, str] | None:
+    """(the smallest caption count of any image, that image's id, its file) over the
+    split's arrow files, reading the caption column only; None for an empty split."""
+    import pyarrow.compute as pc
+
+    fewest = None
+    for path in split_paths(data_root, dataset, split):
+        table = _open_table(path)
+        if table.num_rows == 0:
+            continue
+        counts = pc.fill_null(pc.list_value_length(table.column("caption")), 0)
+        row = int(pc.index(counts, pc.min(counts)).as_py())
+        count = int(counts[row].as_py())
+        if fewest is None or count < fewest[0]:
+            fewest = (count, str(table.column("image_id")[row].as_py()), path)
+    return fewest
+
+
 def open_split(data_root: str, dataset: str, split: str) -> ArrowSplit:
     """Public API: the images and captions of ``dataset``'s ``split`` under ``data_root``.
 

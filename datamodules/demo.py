@@ -9,6 +9,7 @@ happens once, into a cache directory, as ViLT-format arrow files.
 """
 from __future__ import annotations
 
+import fcntl
 import io
 import json
 import os
@@ -39,9 +40,22 @@ POSITION_WORDS = {
 }
 
 
-def default_cache_dir() -> str:
-    base = os.environ.get("HAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hat-toolkit")
-    return os.path.join(base, f"demo-v{GENERATOR_VERSION}")
+CAPTIONS_PER_IMAGE = 5
+
+
+def cache_base() -> str:
+    """Where generated demo sets live by default: $HAT_CACHE or ~/.cache/hat-toolkit."""
+    return os.environ.get("HAT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "hat-toolkit")
+
+
+def demo_set_name(train_images: int, eval_images: int, image_size: int, seed: int) -> str:
+    """The folder name of one demo set: generator version and every size parameter."""
+    return f"demo-v{GENERATOR_VERSION}-{train_images}x{eval_images}-{image_size}px-seed{seed}"
+
+
+def default_cache_dir(train_images: int = 2000, eval_images: int = 200, image_size: int = 64,
+                      seed: int = 0) -> str:
+    return os.path.join(cache_base(), demo_set_name(train_images, eval_images, image_size, seed))
 
 
 def _draw(objects, size: int, rng: np.random.Generator) -> bytes:
@@ -134,34 +148,70 @@ def plan_demo(train_images: int, eval_images: int, seed: int = 0) -> dict:
 
 def _rows(split: str, contents, rng, image_size: int):
     for index, objects in enumerate(contents):
-        templates = rng.permutation(NUM_TEMPLATES)[:5]
+        templates = rng.permutation(NUM_TEMPLATES)[:CAPTIONS_PER_IMAGE]
         captions = [_caption(int(t), objects, rng) for t in templates]
         yield _draw(objects, image_size, rng), captions, f"demo_{split}_{index:05d}.jpg", split
 
 
+def _demo_paths(folder: str) -> dict:
+    return {split: os.path.join(folder, files[0] + ".arrow") for split, files in SPLIT_FILES["demo"].items()}
+
+
+def _read_meta(folder: str) -> dict | None:
+    """The parameters of the complete demo set in ``folder`` (None: no complete set)."""
+    meta_path = os.path.join(folder, "demo_meta.json")
+    if not (os.path.isfile(meta_path) and all(os.path.isfile(p) for p in _demo_paths(folder).values())):
+        return None
+    try:
+        with open(meta_path) as handle:
+            return json.load(handle)
+    except (OSError, ValueError):
+        return None
+
+
 def ensure_demo_data(cache_dir: str | None = None, train_images: int = 2000, eval_images: int = 200,
                      image_size: int = 64, seed: int = 0) -> str:
-    """Generate the demo arrow files into ``cache_dir`` unless they are already there
-    with the same parameters; returns the directory (the demo's data_root)."""
-    cache_dir = cache_dir or default_cache_dir()
+    """The folder of the demo set with these parameters (the demo's data_root),
+    generated on first use.
+
+    Each set of parameters has a folder of its own: ``cache_dir`` itself when it holds
+    this set or no complete set, else ``cache_dir/<demo_set_name>``; without
+    ``cache_dir``, ``$HAT_CACHE/<demo_set_name>``. A complete set is never rewritten, so
+    runs of other sizes can use the same ``cache_dir`` at the same time. Generation
+    happens under a lock (concurrent runs wait for one another) and the metadata file
+    that marks a set complete is written last."""
     params = {"version": GENERATOR_VERSION, "train_images": train_images,
               "eval_images": eval_images, "image_size": image_size, "seed": seed}
-    meta_path = os.path.join(cache_dir, "demo_meta.json")
-    paths = {split: os.path.join(cache_dir, files[0] + ".arrow") for split, files in SPLIT_FILES["demo"].items()}
-    if os.path.isfile(meta_path) and all(os.path.isfile(p) for p in paths.values()):
-        with open(meta_path) as handle:
-            if json.load(handle) == params:
-                return cache_dir
-    os.makedirs(cache_dir, exist_ok=True)
-    if os.path.exists(meta_path):
-        os.remove(meta_path)
-    print(f"generating demo data ({train_images} train, {eval_images} val, {eval_images} test "
-          f"images) in {cache_dir}", flush=True)
-    plan = plan_demo(train_images, eval_images, seed)
-    for offset, split in enumerate(("test", "val", "train")):
-        rng = np.random.default_rng([seed, 2, offset])
-        write_arrow(paths[split], _rows(split, plan[split], rng, image_size))
-    with open(meta_path + ".tmp", "w") as handle:
-        json.dump(params, handle)
-    os.replace(meta_path + ".tmp", meta_path)
-    return cache_dir
+    name = demo_set_name(train_images, eval_images, image_size, seed)
+    if cache_dir is None:
+        folder = os.path.join(cache_base(), name)
+    elif _read_meta(cache_dir) in (params, None):
+        folder = cache_dir
+    else:
+        folder = os.path.join(cache_dir, name)
+    if _read_meta(folder) == params:
+        return folder
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, ".demo.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        found = _read_meta(folder)
+        if found == params:  # another run generated it meanwhile
+            return folder
+        if found is not None:  # another run put a set of other sizes there meanwhile
+            return ensure_demo_data(os.path.join(folder, name), train_images, eval_images, image_size, seed)
+        meta_path = os.path.join(folder, "demo_meta.json")
+        if os.path.exists(meta_path):  # an incomplete set: its files are written again
+            os.remove(meta_path)
+        print(f"generating demo data ({train_images} train, {eval_images} val, {eval_images} test "
+              f"images) in {folder}", flush=True)
+        plan = plan_demo(train_images, eval_images, seed)
+        paths = _demo_paths(folder)
+        for offset, split in enumerate(("test", "val", "train")):
+            rng = np.random.default_rng([seed, 2, offset])
+            write_arrow(paths[split], _rows(split, plan[split], rng, image_size))
+        with open(meta_path + ".tmp", "w") as handle:
+            json.dump(params, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(meta_path + ".tmp", meta_path)
+    return folder

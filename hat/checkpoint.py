@@ -44,21 +44,33 @@ PLAIN_CONTAINERS["sacred.config.custom_containers.ReadOnlyList"] = _container(
     "sacred.config.custom_containers.ReadOnlyList", list)
 
 
+def describe_error(error: BaseException, limit: int = 200) -> str:
+    """``Class: first line of the message`` (the class alone for an empty message)."""
+    lines = str(error).strip().splitlines()
+    return f"{error.__class__.__name__}: {lines[0].strip()[:limit]}" if lines else error.__class__.__name__
+
+
 def read_checkpoint_file(path: str, map_location="cpu") -> dict:
     """torch.load with weights_only=True; refuses files whose unpickling would run code."""
+    if os.path.isdir(path):
+        raise CheckpointError(f"checkpoint={path} is a directory; pass the path of a .ckpt file in it")
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint={path} does not exist; pass the path of a .ckpt file")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint={path} is empty (0 bytes): its write never completed; "
+                              f"use another checkpoint (e.g. best.ckpt or an earlier run's last.ckpt)")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
         pass
     except Exception as error:  # truncated file, not a torch file
-        raise CheckpointError(f"checkpoint={path} cannot be read ({error.__class__.__name__}: "
-                              f"{str(error).splitlines()[0][:200]}); is the file complete?") from error
+        raise CheckpointError(f"checkpoint={path} cannot be read ({describe_error(error)}); "
+                              f"is the file complete?") from error
     try:
         names = torch.serialization.get_unsafe_globals_in_checkpoint(path)
     except Exception as error:
-        raise CheckpointError(f"checkpoint={path} cannot be read ({error})") from error
+        raise CheckpointError(f"checkpoint={path} cannot be read ({describe_error(error)}); "
+                              f"is the file complete?") from error
     foreign = [name for name in names if name not in PLAIN_CONTAINERS]
     if foreign:
         raise CheckpointError(
@@ -84,8 +96,19 @@ def save_checkpoint(path: str, model, optimizer=None, scheduler=None, epoch: int
         "config": json.loads(json.dumps(config or {})),
         "metrics": json.loads(json.dumps(metrics or {})),
     }
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
+    try:
+        return atomic_save(state, path)
+    except (OSError, RuntimeError) as error:  # disk full, quota, file size limit, read-only
+        raise CheckpointError(
+            f"could not write checkpoint {path} ({describe_error(error, 120)}); the file there before "
+            f"(if any) is unchanged: free disk space there or set checkpoint_dir=/a/folder/with/space"
+        ) from error
+
+
+def atomic_save(state, path: str) -> str:
+    """torch.save ``state`` to ``path`` atomically: a temporary file beside it, fsync,
+    rename. A failed or interrupted write leaves ``path`` as it was and no temporary."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp_path = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp_path, "wb") as handle:
@@ -107,15 +130,48 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     return state
 
 
-def load_model_weights(model, path: str) -> dict:
+def check_finite_parameters(model, path: str) -> None:
+    """Refuse a model whose loaded parameters hold NaN or infinite values (a run that
+    diverged, a corrupted file): its scores would be meaningless."""
+    bad = [name for name, param in model.named_parameters()
+           if param.is_floating_point() and not bool(torch.isfinite(param).all())]
+    if bad:
+        raise CheckpointError(f"checkpoint={path} holds NaN/infinite weights in {len(bad)} "
+                              f"parameter(s) (first: {bad[0]}): the run that wrote it diverged or "
+                              f"the file is corrupted; use an earlier checkpoint")
+
+
+def load_training_state(path: str, model, optimizer, scheduler, model_kind: str) -> dict:
+    """Read the project checkpoint ``path`` for an exact resume and load the model,
+    optimizer and scheduler states from it; returns the checkpoint dict. Every mismatch
+    (another model, another architecture or optimizer) is a one-line CheckpointError."""
+    state = load_checkpoint(path)
+    recorded = (state.get("config") or {}).get("model", "hat")
+    if recorded != model_kind:
+        raise CheckpointError(f"resume_from={path} is a checkpoint of model={recorded}, this run is "
+                              f"model={model_kind}; resume with the configuration it was written with")
+    for what, target, saved in (("model", model, state["model"]), ("optimizer", optimizer, state["optimizer"]),
+                                ("scheduler", scheduler, state["scheduler"])):
+        try:
+            target.load_state_dict(saved)
+        except (RuntimeError, ValueError, KeyError, TypeError) as error:
+            raise CheckpointError(f"resume_from={path}: its {what} state does not fit this run "
+                                  f"({describe_error(error, 160)}); resume with the configuration it "
+                                  f"was written with") from error
+    check_finite_parameters(model, path)
+    return state
+
+
+def load_model_weights(model, path: str, state=None) -> dict:
     """Load weights into ``model`` from a project checkpoint or one of the authors'
     released Lightning checkpoints, HAT or Multi-SEA (detected by their keys). Returns a
-    short description: {"format", "epoch", ...}."""
+    short description: {"format", "epoch", ...}. ``state``: the file's contents when the
+    caller has read them already (`read_checkpoint_file`)."""
     from hat.multisea.released import is_released_multisea
     from hat.multisea.released import load_released_state_dict as load_released_multisea
     from hat.released import is_released_hat, load_released_state_dict as load_released_hat
 
-    state = read_checkpoint_file(path)
+    state = read_checkpoint_file(path) if state is None else state
     if isinstance(state, dict) and state.get("format") == FORMAT:
         try:
             missing, unexpected = model.load_state_dict(state["model"], strict=False)
@@ -127,6 +183,7 @@ def load_model_weights(model, path: str) -> dict:
                 f"checkpoint={path} does not fit the configured model: missing {list(missing)[:5]}, "
                 f"unexpected {list(unexpected)[:5]}; use the config the checkpoint was trained with"
             )
+        check_finite_parameters(model, path)
         return {"format": FORMAT, "epoch": state.get("epoch")}
     released = state.get("state_dict") if isinstance(state, dict) else None
     kinds = (("released-hat", "HAT", is_released_hat, load_released_hat),
@@ -140,6 +197,7 @@ def load_model_weights(model, path: str) -> dict:
             except AttributeError as error:  # e.g. a HAT file for a Multi-SEA model
                 raise CheckpointError(f"checkpoint={path} is a released {title} checkpoint; the "
                                       f"configured model is a {model.__class__.__name__}") from error
+            check_finite_parameters(model, path)
             return {"format": name, "epoch": state.get("epoch"), **info}
     raise CheckpointError(f"checkpoint={path} is neither a {FORMAT} checkpoint nor a released HAT or "
                           f"Multi-SEA checkpoint (no 'state_dict' with vit_model.* or "

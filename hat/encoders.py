@@ -12,6 +12,7 @@ alone is built (the weights then come from a checkpoint).
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 
@@ -94,6 +95,28 @@ def load_tokenizer(text_backbone: str):
         raise BackboneError(f"text_backbone={text_backbone}: tokenizer not in a local folder or the HF "
                             f"cache, and not from the hub ({reason}); {download_hint(text_backbone)}"
                             ) from error
+
+
+# (encoder layers, tokens per caption) of hub models known without the network
+KNOWN_TEXT_LIMITS = {"bert-base-uncased": (12, 512), "roberta-base": (12, 512)}
+# model types whose position ids start after the padding index (RoBERTa: 514 positions, 512 tokens)
+_OFFSET_POSITIONS = {"roberta", "xlm-roberta", "camembert"}
+
+
+def text_limits(text_backbone: str) -> tuple[int | None, int | None]:
+    """(encoder layers, longest caption in tokens) of ``text_backbone``, read offline
+    from a local folder's config.json or the known hub models; (None, None) when unknown."""
+    if text_backbone in KNOWN_TEXT_LIMITS:
+        return KNOWN_TEXT_LIMITS[text_backbone]
+    config_file = os.path.join(resolve_text_backbone(text_backbone), "config.json")
+    if not os.path.isfile(config_file):
+        return None, None
+    with open(config_file) as handle:
+        config = json.load(handle)
+    positions = config.get("max_position_embeddings")
+    if positions is not None and config.get("model_type") in _OFFSET_POSITIONS:
+        positions -= 2
+    return config.get("num_hidden_layers"), positions
 
 
 def _text_config(text_backbone: str):

@@ -19,7 +19,7 @@ import os
 import numpy as np
 import torch
 
-from hat.distributed import active_world, gather_shards, pad_dim_to, shard_range
+from hat.distributed import active_world, broadcast_from_main, gather_shards, pad_dim_to, shard_range
 
 METRIC_KEYS = (
     "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
@@ -28,13 +28,31 @@ METRIC_KEYS = (
 RANK_CHUNK = 1024
 
 
+class NonFiniteScores(ValueError):
+    """A score matrix holds NaN or infinite values: its ranks would mean nothing (a NaN
+    compares false with everything, so every query would look ranked first)."""
+
+    def __init__(self, n_nan: int, n_inf: int, total: int):
+        self.n_nan, self.n_inf, self.total = n_nan, n_inf, total
+        super().__init__(f"{n_nan} NaN and {n_inf} infinite scores of {total}")
+
+
+def check_finite(sims: torch.Tensor) -> None:
+    """Raise `NonFiniteScores` unless every score is finite."""
+    if sims.is_floating_point() and not bool(torch.isfinite(sims).all()):
+        n_nan = int(torch.isnan(sims).sum())
+        raise NonFiniteScores(n_nan, int(torch.isinf(sims).sum()), sims.numel())
+
+
 def _as_tensor(values) -> torch.Tensor:
     return values if isinstance(values, torch.Tensor) else torch.as_tensor(np.asarray(values))
 
 
 def retrieval_ranks(sims, caption_to_image=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based ranks: (i2t ranks [N_images], t2i ranks [N_captions])."""
+    """0-based ranks: (i2t ranks [N_images], t2i ranks [N_captions]). Raises
+    `NonFiniteScores` when a score is NaN or infinite."""
     sims = _as_tensor(sims)
+    check_finite(sims)
     n_images, n_captions = sims.shape
     device = sims.device
     if caption_to_image is None:
@@ -277,33 +295,32 @@ def encode_features(model, image_loader, caption_loader, device, dtype=None) -> 
     return {"images": images, "captions": captions, "lengths": lengths}
 
 
-def feature_cache_path(cache_dir: str, checkpoint: str, split: str, extra=()) -> str:
-    """Cache file for the features of ``checkpoint`` on ``split``: keyed by the
-    checkpoint's absolute path, modification time and size, the split and ``extra``
-    (anything else that changes the features: dataset, image size, max_text_len)."""
-    stat = os.stat(checkpoint)
-    key = "|".join([os.path.abspath(checkpoint), str(stat.st_mtime_ns), str(stat.st_size),
-                    split, *map(str, extra)])
+def file_identity(path: str) -> str:
+    """A file's absolute path, size and modification time: what a cache key needs to
+    notice that the file was replaced or rewritten."""
+    stat = os.stat(path)
+    return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def feature_cache_path(cache_dir: str, checkpoint: str, split: str, extra=(), data_files=()) -> str:
+    """Cache file for the features of ``checkpoint`` on ``split``: keyed by the identity
+    (`file_identity`) of the checkpoint and of ``data_files`` (the split's arrow files),
+    the split and ``extra`` (anything else that changes the features: dataset, image
+    size, max_text_len, feature dtype)."""
+    key = "|".join([file_identity(checkpoint), split, *map(file_identity, data_files), *map(str, extra)])
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
     return os.path.join(cache_dir, f"{stem}-{split}-{digest}.features.pt")
 
 
 def save_features(path: str, features: dict) -> str:
-    """Write encoded features (moved to CPU, dtype kept) atomically with torch.save."""
-    state = {"format": "hat-features", "version": 1,
-             "images": [f.cpu() for f in features["images"]],
-             "captions": [f.cpu() for f in features["captions"]],
-             "lengths": features["lengths"].cpu()}
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        torch.save(state, tmp_path)
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
-    return path
+    """Write encoded features (moved to CPU, dtype kept) atomically."""
+    from hat.checkpoint import atomic_save
+
+    return atomic_save({"format": "hat-features", "version": 1,
+                        "images": [f.cpu() for f in features["images"]],
+                        "captions": [f.cpu() for f in features["captions"]],
+                        "lengths": features["lengths"].cpu()}, path)
 
 
 def load_features(path: str, device, dtype=None) -> dict:
@@ -316,13 +333,48 @@ def load_features(path: str, device, dtype=None) -> dict:
             "captions": [cast(f) for f in state["captions"]], "lengths": state["lengths"]}
 
 
+def _dataset_size(loader) -> int | None:
+    dataset = getattr(loader, "dataset", None)  # (a plain list of batches has none)
+    return len(dataset) if dataset is not None else None
+
+
+def _checked_cache(cache_path: str, n_images: int | None, n_captions: int | None) -> dict | None:
+    """The features in ``cache_path`` (on the CPU) if it holds ``n_images`` images and
+    ``n_captions`` captions (None: any count); None, with a note, when it is absent,
+    cannot be read or holds another set."""
+    if not os.path.isfile(cache_path):
+        return None
+    try:
+        features = load_features(cache_path, "cpu")
+    except Exception as error:  # truncated by hand, another format: encode again
+        print(f"feature_cache: {cache_path} cannot be read ({error.__class__.__name__}); "
+              f"encoding again", flush=True)
+        return None
+    counts = (len(features["images"][0]), len(features["lengths"]))
+    if any(want is not None and want != have for want, have in zip((n_images, n_captions), counts)):
+        print(f"feature_cache: {cache_path} holds {counts[0]} images / {counts[1]} captions, the "
+              f"split {n_images} / {n_captions}; encoding again", flush=True)
+        return None
+    return features
+
+
 def cached_features(model, image_loader, caption_loader, device, dtype=None,
                     cache_path: str | None = None) -> dict:
-    """`encode_features`, read from / written to ``cache_path`` when one is given."""
-    if cache_path and os.path.isfile(cache_path):
-        return load_features(cache_path, device, dtype or default_feature_dtype(device))
-    features = encode_features(model, image_loader, caption_loader, device, dtype)
+    """`encode_features`, read from / written to ``cache_path`` when one is given. Under
+    torchrun rank 0 decides whether the cache is used (so every rank encodes, or none)
+    and rank 0 alone writes it."""
     if cache_path:
+        main = active_world()[0] == 0
+        cached = (_checked_cache(cache_path, _dataset_size(image_loader), _dataset_size(caption_loader))
+                  if main else None)
+        if broadcast_from_main(cached is not None):
+            cached = cached if main else load_features(cache_path, "cpu")
+            dtype = dtype or default_feature_dtype(device)
+            return {"images": [f.to(device, dtype) for f in cached["images"]],
+                    "captions": [f.to(device, dtype) for f in cached["captions"]],
+                    "lengths": cached["lengths"].to(device)}
+    features = encode_features(model, image_loader, caption_loader, device, dtype)
+    if cache_path and active_world()[0] == 0:
         save_features(cache_path, features)
     return features
 

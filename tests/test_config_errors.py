@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from tests.conftest import ROOT
 
@@ -44,6 +45,15 @@ CASES = [
     ({"feature_dtype": "fp8"}, "feature_dtype='fp8' is not valid; allowed: [None, 'fp32', 'fp16', 'bf16']"),
     ({"data_root": None}, "data_root is not set: pass data_root=/path/to/arrow/files"),
     ({"data_root": "/nonexistent/arrows"}, "data_root=/nonexistent/arrows does not exist"),
+    # runs that cannot learn (the hinge loss would be 0 on every step), refused before any work
+    ({"margin": 0}, "margin=0 is not valid; allowed: a number > 0 (the triplet hinge needs a margin"),
+    ({"margin": -0.2}, "margin=-0.2 is not valid; allowed: a number > 0"),
+    ({"lambda_softmax": 0.0}, "lambda_softmax=0.0 is not valid; allowed: a number > 0 (the SCAN softmax temperature)"),
+    ({"per_gpu_batchsize": 1}, "per_gpu_batchsize=1 is not valid; allowed: a batch of at least 2 pairs over all processes"),
+    ({"batch_size": 1}, "batch_size=1 is not valid; allowed: a batch of at least 2 pairs over all processes"),
+    ({"max_text_len": 513}, "max_text_len=513 is not valid; allowed: at most 512: bert-base-uncased has 512 token positions"),
+    ({"device": "tpu"}, "device='tpu' is not valid; allowed: auto, cpu, cuda or cuda:N"),
+    ({"checkpoint": "/"}, "checkpoint=/ is a directory; pass the path of a file in it (e.g. /best.ckpt)"),
 ]
 
 
@@ -92,3 +102,62 @@ def test_command_line_exits_2_with_one_line(tmp_path):
     assert proc.stderr.strip().splitlines()[-1] == (
         "ConfigError: direction='sideways' is not valid; allowed: ['i2t', 't2i']")
     assert "Traceback" not in proc.stderr and not os.path.exists(tmp_path / "runs")
+
+
+def test_multisea_caption_length_within_roberta_positions(tmp_path):
+    from run import UsageError, validate_config
+
+    with pytest.raises(UsageError) as error:
+        validate_config(config_with(tmp_path, named=["multisea"], max_text_len=1000, test_only=True,
+                                    checkpoint=__file__))
+    assert str(error.value) == ("max_text_len=1000 is not valid; allowed: at most 512: roberta-base has 512 "
+                                "token positions")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("device", ["cuda", "cuda:1"])
+def test_cuda_without_a_gpu_is_one_line(f30k_root, device):
+    from run import UsageError, validate_config
+
+    with pytest.raises(UsageError) as error:
+        validate_config(config_with(f30k_root, device=device))
+    assert str(error.value) == (f"device={device}: this machine has no usable CUDA device "
+                                f"(torch.cuda.is_available() is False); use device=cpu or device=auto")
+
+
+def test_captions_per_image_against_the_fewest_captions(tmp_path):
+    from datamodules.writer import write_arrow
+    from run import UsageError, validate_config
+
+    jpeg = b"not decoded by the check"
+    rows = {"train": [(jpeg, ["a"] * 2, "t0.jpg", "train")],
+            "val": [(jpeg, ["a"] * 5, "v0.jpg", "val"), (jpeg, ["a"] * 4, "v1.jpg", "val")],
+            "test": [(jpeg, ["a"] * 5, "s0.jpg", "test"), (jpeg, ["a"] * 3, "s1.jpg", "test")]}
+    for split, split_rows in rows.items():
+        write_arrow(str(tmp_path / f"f30k_caption_karpathy_{split}.arrow"), split_rows)
+    with pytest.raises(UsageError) as error:  # training: val and test are evaluated
+        validate_config(config_with(tmp_path, captions_per_image=4))
+    assert str(error.value) == (f"captions_per_image=4 is not valid: image s1.jpg in "
+                                f"{tmp_path}/f30k_caption_karpathy_test.arrow has 3 caption(s); set "
+                                f"captions_per_image=3 or None (every caption)")
+    validate_config(config_with(tmp_path, captions_per_image=3))  # training captions are not counted
+    validate_config(config_with(tmp_path, captions_per_image=None))
+    with pytest.raises(UsageError, match="captions_per_image=6 is not valid: every demo image has 5 caption"):
+        validate_config(config_with(tmp_path, named=["demo"], captions_per_image=6))
+
+
+@pytest.mark.parametrize("key", ["checkpoint_dir", "observer_dir"])
+def test_folders_that_cannot_be_written_are_refused_before_any_work(f30k_root, tmp_path, key):
+    from run import UsageError, validate_config
+
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(UsageError) as error:
+        validate_config(config_with(f30k_root, **{key: str(blocker / "runs")}))
+    assert str(error.value).startswith(f"{key}={blocker}/runs is not writable (NotADirectoryError: ")
+    assert str(error.value).endswith("; pass a folder you can write to")
+    if os.geteuid() != 0:  # root writes into read-only folders
+        locked = tmp_path / "locked"
+        locked.mkdir(mode=0o555)
+        with pytest.raises(UsageError, match=f"{key}=.*locked is not writable .*PermissionError"):
+            validate_config(config_with(f30k_root, **{key: str(locked)}))

@@ -1,5 +1,6 @@
 """The demo data set, the arrow reader/writer and HAT's tokenisation."""
 import io
+import os
 import re
 from collections import defaultdict
 
@@ -122,3 +123,30 @@ def test_tokenize_is_cls_words_sep_truncated(tokenizer):
     input_ids, mask = pad_token_ids([ids, long_ids])
     assert input_ids.shape == (2, 32) and mask.sum(1).tolist() == [len(ids), 32]
     assert (input_ids[0, len(ids):] == 0).all()
+
+
+def test_demo_sets_of_other_sizes_coexist(tmp_path):
+    """A run of another demo size never rewrites the set another run is using: each size
+    gets a folder of its own, and the first set stays as it was."""
+    first = ensure_demo_data(str(tmp_path), train_images=6, eval_images=4, image_size=32)
+    assert first == str(tmp_path)  # an empty cache_dir holds the first set itself
+    test_file = tmp_path / "demo_caption_test.arrow"
+    mtime = test_file.stat().st_mtime_ns
+    second = ensure_demo_data(str(tmp_path), train_images=6, eval_images=3, image_size=32)
+    assert second != first and second.startswith(str(tmp_path))
+    assert test_file.stat().st_mtime_ns == mtime
+    for root, count in ((first, 4), (second, 3)):
+        assert len(open_split(root, "demo", "test")) == len(open_split(root, "demo", "val")) == count
+    # asking again finds each set where it is, without generating anything
+    assert ensure_demo_data(str(tmp_path), train_images=6, eval_images=3, image_size=32) == second
+    assert ensure_demo_data(str(tmp_path), train_images=6, eval_images=4, image_size=32) == first
+    assert test_file.stat().st_mtime_ns == mtime
+
+
+def test_default_demo_folder_names_every_size(tmp_path, monkeypatch):
+    monkeypatch.setenv("HAT_CACHE", str(tmp_path))
+    a = ensure_demo_data(train_images=5, eval_images=2, image_size=32)
+    b = ensure_demo_data(train_images=5, eval_images=3, image_size=32)
+    assert os.path.dirname(a) == os.path.dirname(b) == str(tmp_path) and a != b
+    assert os.path.basename(a) == "demo-v2-5x2-32px-seed0"
+    assert len(open_split(a, "demo", "test")) == 2 and len(open_split(b, "demo", "test")) == 3

@@ -6,6 +6,7 @@ the positive); R@K = 100 * count(rank < K) / n; medr = floor(median(rank)) + 1;
 meanr = mean(rank) + 1; rsum = sum of the six recalls.
 """
 import math
+import os
 import statistics
 
 import numpy as np
@@ -424,3 +425,73 @@ def test_save_and_load_features_keep_dtype(tmp_path):
     assert back["images"][0].dtype == torch.float16
     torch.testing.assert_close(back["captions"][0], features["captions"][0], rtol=0, atol=0)
     assert load_features(path, "cpu", torch.float32)["images"][0].dtype == torch.float32
+
+
+# --------------------------------------------------------------------------------------
+# Non-finite scores and the feature cache key
+# --------------------------------------------------------------------------------------
+from hat.evaluation import NonFiniteScores, cached_features, file_identity  # noqa: E402
+
+
+def test_all_nan_scores_are_refused_not_ranked_first():
+    # a NaN compares false with everything: before the check every rank was 0 (rsum 600)
+    with pytest.raises(NonFiniteScores) as error:
+        recall(torch.full((4, 20), float("nan")))
+    assert (error.value.n_nan, error.value.n_inf, error.value.total) == (80, 0, 80)
+    assert str(error.value) == "80 NaN and 0 infinite scores of 80"
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_one_non_finite_score_is_refused_everywhere(bad):
+    sims = torch.randn(10, 50, dtype=torch.float64)
+    sims[3, 17] = bad
+    for score in (lambda: recall(sims), lambda: fold_recall(sims, n_folds=5),
+                  lambda: level_metrics([sims, sims])):
+        with pytest.raises(NonFiniteScores, match="infinite scores of") as error:
+            score()
+        assert error.value.n_nan + error.value.n_inf == 1
+    sims[3, 17] = 0.0
+    assert recall(sims)["rsum"] <= 600  # finite again: a recall
+
+
+def test_feature_cache_key_follows_data_files_and_dtype(tmp_path):
+    checkpoint, data = tmp_path / "best.ckpt", tmp_path / "test.arrow"
+    checkpoint.write_bytes(b"weights")
+    data.write_bytes(b"0123456789")
+    key = lambda dtype="fp32": feature_cache_path(str(tmp_path), str(checkpoint), "test", extra=(dtype,),
+                                                  data_files=[str(data)])
+    first = key()
+    assert key() == first  # stable
+    assert key("fp16") != first  # the feature dtype is part of the key
+    data.write_bytes(b"another file, another size")
+    assert key() != first
+    before = file_identity(str(data))
+    os.utime(data, ns=(1, 1))  # same size, another modification time (a replaced file)
+    assert file_identity(str(data)) != before
+
+
+def test_cached_features_of_another_set_are_encoded_again(tmp_path):
+    torch.manual_seed(0)
+    model = _TinyLevels()
+    images = torch.utils.data.DataLoader(torch.randn(6, 4), batch_size=4)
+    tokens = [{"input_ids": torch.ones(3, 5, dtype=torch.long), "attention_mask": torch.ones(3, 5)}]
+    cache = str(tmp_path / "features.pt")
+    save_features(cache, {"images": [torch.zeros(9, 2, 3)], "captions": [torch.zeros(3, 5, 3)],
+                          "lengths": torch.full((3,), 5)})
+    features = cached_features(model, images, tokens, torch.device("cpu"), torch.float32, cache)
+    assert features["images"][0].shape[0] == 6  # 9 cached images != 6 in the split: re-encoded
+    assert load_features(cache, "cpu")["images"][0].shape[0] == 6  # and the cache rewritten
+
+
+class _TinyLevels(torch.nn.Module):
+    """encode_images / encode_captions with one level, for the cache tests."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = torch.nn.Linear(4, 3)
+
+    def encode_images(self, images):
+        return [self.proj(images)[:, None, :].expand(-1, 2, -1)]  # [B, 2, 3]
+
+    def encode_captions(self, input_ids, attention_mask):
+        return [torch.ones(*input_ids.shape, 3)]  # [B, L, 3]
