@@ -24,7 +24,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hat.alignment import scan_similarity  # noqa: E402
+from hat.models.hat.alignment import scan_similarity  # noqa: E402
 from hat.evaluation import level_metrics, level_similarities, recall  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}

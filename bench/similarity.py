@@ -1,4 +1,4 @@
-"""Time hat.alignment.scan_similarity against the floor and a literal per-caption loop.
+"""Time hat.models.hat.alignment.scan_similarity against the floor and a literal per-caption loop.
 
     python bench/similarity.py                          # CPU target case: 100 x 500, R 196/784/49
     python bench/similarity.py --device cuda --images 1000 --captions 5000 --dtype fp16
@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hat.alignment import COS_EPS, LEAKY_SLOPE, NORM_EPS, scan_similarity  # noqa: E402
+from hat.models.hat.alignment import COS_EPS, LEAKY_SLOPE, NORM_EPS, scan_similarity  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FLOOR_TILE = 2**27  # scores per floor matmul output

@@ -1,5 +1,5 @@
-"""Checkpoints: the project's own, and the authors' released Lightning files (HAT and
-Multi-SEA).
+"""Checkpoints: the project's own, and the authors' released Lightning files (each model
+plug-in recognises and maps its own).
 
 The project's checkpoint is a plain dict, readable without Sacred:
 
@@ -18,6 +18,8 @@ import os
 import pickle
 
 import torch
+
+from hat.plugins import plugins
 
 FORMAT = "hat-toolkit"
 VERSION = 1
@@ -164,13 +166,9 @@ def load_training_state(path: str, model, optimizer, scheduler, model_kind: str)
 
 def load_model_weights(model, path: str, state=None) -> dict:
     """Load weights into ``model`` from a project checkpoint or one of the authors'
-    released Lightning checkpoints, HAT or Multi-SEA (detected by their keys). Returns a
+    released Lightning checkpoints (recognised by the registered model plug-ins). Returns a
     short description: {"format", "epoch", ...}. ``state``: the file's contents when the
     caller has read them already (`read_checkpoint_file`)."""
-    from hat.multisea.released import is_released_multisea
-    from hat.multisea.released import load_released_state_dict as load_released_multisea
-    from hat.released import is_released_hat, load_released_state_dict as load_released_hat
-
     state = read_checkpoint_file(path) if state is None else state
     if isinstance(state, dict) and state.get("format") == FORMAT:
         try:
@@ -186,19 +184,18 @@ def load_model_weights(model, path: str, state=None) -> dict:
         check_finite_parameters(model, path)
         return {"format": FORMAT, "epoch": state.get("epoch")}
     released = state.get("state_dict") if isinstance(state, dict) else None
-    kinds = (("released-hat", "HAT", is_released_hat, load_released_hat),
-             ("released-multisea", "Multi-SEA", is_released_multisea, load_released_multisea))
-    for name, title, is_released, load_released in kinds:
-        if isinstance(released, dict) and is_released(released):
+    adapters = [plugin for plugin in plugins() if plugin.released_module]
+    for plugin in adapters:
+        if isinstance(released, dict) and plugin.is_released(released):
+            if not plugin.accepts(model):
+                raise CheckpointError(f"checkpoint={path} is a released {plugin.title} checkpoint; the "
+                                      f"configured model is a {model.__class__.__name__} (use model={plugin.name})")
             try:
-                info = load_released(model, released)
+                info = plugin.load_released(model, released)
             except ValueError as error:
                 raise CheckpointError(f"checkpoint={path}: {error}") from error
-            except AttributeError as error:  # e.g. a HAT file for a Multi-SEA model
-                raise CheckpointError(f"checkpoint={path} is a released {title} checkpoint; the "
-                                      f"configured model is a {model.__class__.__name__}") from error
             check_finite_parameters(model, path)
-            return {"format": name, "epoch": state.get("epoch"), **info}
-    raise CheckpointError(f"checkpoint={path} is neither a {FORMAT} checkpoint nor a released HAT or "
-                          f"Multi-SEA checkpoint (no 'state_dict' with vit_model.* or "
-                          f"visual_encoder.visual.* keys)")
+            return {"format": plugin.released_format, "epoch": state.get("epoch"), **info}
+    raise CheckpointError(f"checkpoint={path} is neither a {FORMAT} checkpoint nor a released "
+                          f"{' or '.join(p.title for p in adapters)} checkpoint (no 'state_dict' with "
+                          f"{' or '.join(p.released_keys for p in adapters)} keys)")

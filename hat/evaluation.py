@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -26,6 +27,20 @@ METRIC_KEYS = (
     "i2t_medr", "i2t_meanr", "t2i_medr", "t2i_meanr",
 )
 RANK_CHUNK = 1024
+# config value of feature_dtype -> torch dtype (None: fp16 on CUDA, fp32 elsewhere)
+FEATURE_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class EvalData:
+    """One split to evaluate: loaders over its images (in order) and its captions, the
+    image of each caption [N_captions], and the split's arrow files (what a feature cache
+    is keyed by)."""
+
+    images: object
+    captions: object
+    caption_to_image: torch.Tensor
+    files: list = field(default_factory=list)
 
 
 class NonFiniteScores(ValueError):

@@ -98,3 +98,17 @@ def find_resumable(config: dict, exclude=()) -> tuple[str, str] | None:
         return None
     _, folder, last = max(candidates)
     return folder, last
+
+
+def resume_checkpoint(config: dict, exclude=()) -> tuple[str | None, dict]:
+    """resume=True: (the last.ckpt written most recently by a run with the same
+    configuration, what the run should record about it); (None, {}) with a note when
+    there is none (the run starts from scratch)."""
+    found = find_resumable(config, exclude)
+    if found is None:
+        print("resume=True: no earlier run with this configuration; starting from scratch", flush=True)
+        return None, {}
+    folder, last = found
+    name = os.path.basename(os.path.normpath(folder))
+    return last, {"resumed_run": int(name) if name.isdigit() else name,
+                  "resumed_folder": os.path.abspath(folder)}

@@ -82,8 +82,10 @@ def test_batch_not_divisible_by_world_size(f30k_root, monkeypatch):
     from run import UsageError, validate_config
 
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(UsageError, match="batch_size=58 is not valid; allowed: None or a positive multiple of the world size 4"):
+    with pytest.raises(UsageError, match=r"batch_size=58 is not valid; allowed: None or a positive multiple of "
+                                         r"per_gpu_batchsize x world size \(58 x 4 = 232\)"):
         validate_config(config_with(f30k_root, batch_size=58))
+    validate_config(config_with(f30k_root, batch_size=464))  # two micro-batches of 58 per process
     validate_config(config_with(f30k_root))  # per_gpu_batchsize x 4 is always divisible
 
 

@@ -9,7 +9,7 @@ import pytest
 from tests.conftest import ROOT
 
 TINY = ["demo_train_images=64", "demo_eval_images=8", "max_epoch=1", "batch_size=16",
-        "per_gpu_batchsize=16", "eval_batch_size=16", "progress=False", "swin_depths=[1,1,1,1]",
+        "eval_batch_size=16", "progress=False", "swin_depths=[1,1,1,1]",
         "embed_dim=32", "text_dropout=0.0", "log_every_steps=1", "num_workers=0",
         "learning_rate=2e-6"]
 
@@ -21,10 +21,10 @@ def data_root(tmp_path_factory):
     return ensure_demo_data(str(tmp_path_factory.mktemp("demo")), train_images=64, eval_images=8)
 
 
-def _run(prefix, data_root, observer):
+def _run(prefix, data_root, observer, per_gpu_batchsize):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run([*prefix, "run.py", "with", "demo", f"data_root={data_root}",
-                           f"observer_dir={observer}", *TINY],
+                           f"observer_dir={observer}", f"per_gpu_batchsize={per_gpu_batchsize}", *TINY],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dirs = [d for d in os.listdir(observer) if d.isdigit()]
@@ -35,9 +35,10 @@ def _run(prefix, data_root, observer):
 
 
 def test_two_processes_match_one(data_root, tmp_path):
-    single_losses, single = _run([sys.executable], data_root, tmp_path / "single")
+    # the same global batch of 16: one process runs it whole, two run 8 each (no accumulation)
+    single_losses, single = _run([sys.executable], data_root, tmp_path / "single", 16)
     ddp_losses, ddp = _run([sys.executable, "-m", "torch.distributed.run", "--standalone",
-                            "--nproc_per_node=2"], data_root, tmp_path / "ddp")
+                            "--nproc_per_node=2"], data_root, tmp_path / "ddp", 8)
     assert len(single_losses) == len(ddp_losses) == 20  # 320 captions / 16
     for a, b in zip(single_losses, ddp_losses):
         assert abs(a - b) <= 1e-4 * abs(a), [f"{abs(x - y) / x:.1e}" for x, y in zip(single_losses, ddp_losses)]
@@ -48,7 +49,7 @@ def test_two_processes_match_one(data_root, tmp_path):
 def _tiny_hat():
     import torch
 
-    from hat.model import build_hat
+    from hat.models.hat.model import build_hat
 
     torch.manual_seed(0)
     model = build_hat("swin_base_patch4_window7_224", "packaged-minilm", [[2, 2], [3, 4], [4, 6]],
@@ -74,7 +75,7 @@ def _ddp_worker(rank, world_size, port, out_path):
     import torch.distributed as dist
 
     from hat.distributed import gather_padded
-    from hat.loss import vse_loss
+    from hat.models.hat.loss import vse_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
@@ -98,7 +99,7 @@ def test_ddp_gradients_equal_single_process_gradients(tmp_path):
     import torch
     import torch.multiprocessing as mp
 
-    from hat.loss import vse_loss
+    from hat.models.hat.loss import vse_loss
 
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

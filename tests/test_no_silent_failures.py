@@ -54,13 +54,13 @@ def make_checkpoint(path, data_root, change=None) -> str:
     """An untrained tiny demo HAT written as a project checkpoint (``change`` edits the
     model first)."""
     from hat.checkpoint import save_checkpoint
-    from hat.recipes import RECIPES
+    from hat.plugins import get_plugin
     from run import ex
 
     config = dict(ex._create_run(command_name="print_config", named_configs=["demo"],
                                  config_updates=dict(TINY, data_root=data_root)).config)
     torch.manual_seed(0)
-    model = RECIPES["hat"](config).build_model(pretrained=True)
+    model = get_plugin("hat")(config).build(pretrained=True)
     if change is not None:
         with torch.no_grad():
             change(model)

@@ -60,7 +60,7 @@ def test_ensemble_folds_and_feature_cache(trained):
     the encoded features; checked against the library on the cached features."""
     import torch
 
-    from hat.alignment import scan_similarity
+    from hat.models.hat.alignment import scan_similarity
     from hat.evaluation import fold_recall, load_features, recall
 
     ex, run, tmp, updates = trained

@@ -40,7 +40,7 @@ def coco(tmp_path_factory):
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from hat.encoders import resolve_text_backbone
+    from hat.backbones import resolve_text_backbone
 
     return AutoTokenizer.from_pretrained(resolve_text_backbone("packaged-minilm"))
 

@@ -33,7 +33,7 @@ def no_cache_no_hub(monkeypatch):
 
 
 def test_roberta_offline_fails_at_once_naming_the_key_and_the_fix(no_cache_no_hub):
-    from hat.encoders import BackboneError, load_tokenizer
+    from hat.backbones import BackboneError, load_tokenizer
 
     calls, requests = no_cache_no_hub
     with pytest.raises(BackboneError) as error:
@@ -47,7 +47,7 @@ def test_roberta_offline_fails_at_once_naming_the_key_and_the_fix(no_cache_no_hu
 
 
 def test_bert_base_uncased_still_falls_back_to_the_packaged_vocabulary(no_cache_no_hub):
-    from hat.encoders import load_tokenizer
+    from hat.backbones import load_tokenizer
 
     calls, requests = no_cache_no_hub
     tokenizer = load_tokenizer("bert-base-uncased")

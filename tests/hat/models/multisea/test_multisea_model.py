@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from hat.multisea.encoders import build_clip_vision, freeze_clip_vision
-from hat.multisea.losses import itc_loss
+from hat.models.multisea.encoders import build_clip_vision, freeze_clip_vision
+from hat.models.multisea.losses import itc_loss
 
 
 def test_encoding_mixes_enhanced_and_projected_features_by_alpha(tiny_model, tiny_batch):
@@ -112,7 +112,7 @@ def test_parameter_groups_of_the_recipe(tiny_model):
 
 
 def test_packaged_minilm_text_backbone_with_a_tiny_vit():
-    from hat.multisea.model import build_multisea
+    from hat.models.multisea.model import build_multisea
 
     torch.manual_seed(0)
     model = build_multisea("vit_base_patch16_clip_quickgelu_224", "packaged-minilm", vision_depth=2,

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from hat.multisea.losses import (build_itm_pairs, enqueue_, itc_loss, itm_loss, sample_hard_negatives,
+from hat.models.multisea.losses import (build_itm_pairs, enqueue_, itc_loss, itm_loss, sample_hard_negatives,
                                  soft_targets)
 
 # a 3-pair batch: pairs 0 and 1 show image 7, pair 2 image 9; the queue holds one more

@@ -9,8 +9,8 @@ import torch
 from PIL import Image
 
 from hat.checkpoint import CheckpointError, load_model_weights, read_checkpoint_file
-from hat.model import build_hat
-from hat.released import SKIPPED_BUFFERS, to_released_state_dict
+from hat.models.hat.model import build_hat
+from hat.models.hat.released import SKIPPED_BUFFERS, to_released_state_dict
 from tests.conftest import ROOT, read_key_list
 
 FULL = dict(image_backbone="swin_base_patch4_window7_224", text_backbone="bert-base-uncased",

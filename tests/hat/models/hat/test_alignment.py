@@ -1,4 +1,4 @@
-"""Tests for hat.alignment.scan_similarity against a literal reference of the spec.
+"""Tests for hat.models.hat.alignment.scan_similarity against a literal reference of the spec.
 
 The reference below follows docs `shared/spec/hat.md`, section 2 ("Similarity:
 SCAN-style cross attention") step by step, one (image, caption) pair at a time, in
@@ -7,7 +7,7 @@ float64, materialising c_r / c_w explicitly.
 import pytest
 import torch
 
-from hat.alignment import scan_similarity
+from hat.models.hat.alignment import scan_similarity
 
 LEAKY_SLOPE = 0.1
 NORM_EPS = 1e-8
@@ -273,7 +273,7 @@ def test_every_length_and_odd_tiles_match_reference(direction, tiles):
 def test_default_tiles_with_small_budget_match_reference(direction, monkeypatch):
     # shrink the default tile budgets (CPU: evaluation; "cuda": also autograd) so that
     # the default sizing cuts many chunks and tiles
-    import hat.alignment as alignment
+    import hat.models.hat.alignment as alignment
     for kind in ("cpu", "cuda"):
         monkeypatch.setitem(alignment.TILE_SCORES, kind, 300)
         monkeypatch.setitem(alignment.CHUNK_TOKENS, kind, 20)
@@ -290,7 +290,7 @@ def test_default_tiles_with_small_budget_match_reference(direction, monkeypatch)
 
 
 def test_caption_chunks_follow_token_budget():
-    from hat.alignment import _caption_chunks
+    from hat.models.hat.alignment import _caption_chunks
     lengths = [2, 2, 3, 5, 5, 5, 7]  # sorted
     # at most 10 padded tokens per chunk: [2,2,3] -> 9, [5,5] -> 10, [5,7] -> 14 > 10 -> [5], [7]
     assert _caption_chunks(lengths, None, 10) == [(0, 3), (3, 5), (5, 6), (6, 7)]

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from hat.multisea.aformer import (AFormer, AgentAttention, DualGateFFN, RMSNorm, SelfAttentionCore,
+from hat.models.multisea.aformer import (AFormer, AgentAttention, DualGateFFN, RMSNorm, SelfAttentionCore,
                                   hard_swish_clip1, interpolate_agents)
 
 NEG = torch.finfo(torch.float32).min

@@ -22,6 +22,9 @@ def is_released_hat(state_dict: dict) -> bool:
         k.startswith("cross_modal_image_transform") for k in state_dict)
 
 
+is_released = is_released_hat  # the name hat.plugins.ModelPlugin looks for
+
+
 def _suffixes(model) -> list[str]:
     stages = model.image_encoder.stages
     if sorted(stages) != [2, 3, 4]:

@@ -9,10 +9,24 @@ import pytest
 import torch
 
 from hat.checkpoint import CheckpointError, load_model_weights, save_checkpoint
-from hat.engine import NonFiniteLoss
-from hat.multisea.released import to_released_state_dict
-from hat.multisea.rerank import rerank_scores
-from hat.multisea.training import build_optimizer, cosine_schedule, train_step
+from hat.loop import NonFiniteLoss, optimizer_step
+from hat.models.multisea.plugin import MultiSEAPlugin
+from hat.models.multisea.released import to_released_state_dict
+from hat.models.multisea.rerank import rerank_scores
+from hat.models.multisea.training import build_optimizer, cosine_schedule
+
+
+def train_step(network, model, batch, optimizer, scheduler, device, micro_batch_size, clip_norm=1.0,
+               generator=None) -> dict:
+    """One Multi-SEA optimizer step as the runner takes it: the toolkit's loop step
+    (hat.loop.optimizer_step) over the plug-in's loss."""
+    plugin = MultiSEAPlugin({})
+    plugin.generator = generator
+    values, skipped = optimizer_step(network, lambda net, micro: plugin.loss(net, model, micro, 0), batch,
+                                     optimizer, device, micro_batch_size, clip_norm=clip_norm,
+                                     parameters=model.parameters(), scheduler=scheduler)
+    assert not skipped
+    return values
 
 
 def _batch(size=6, seed=2):

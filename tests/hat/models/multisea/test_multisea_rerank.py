@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from hat.multisea.rerank import encode_caption_set, evaluate, rerank_recall, rerank_scores
+from hat.models.multisea.rerank import encode_caption_set, evaluate, rerank_recall, rerank_scores
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hat.multisea.aformer import AFormer, Pooler
-from hat.multisea.losses import build_itm_pairs, enqueue_, itc_loss, itm_loss, sample_hard_negatives
+from hat.models.multisea.aformer import AFormer, Pooler
+from hat.models.multisea.losses import build_itm_pairs, enqueue_, itc_loss, itm_loss, sample_hard_negatives
 
 
 def _identity(tensor: torch.Tensor) -> torch.Tensor:
@@ -180,7 +180,7 @@ def build_multisea(image_backbone: str = "vit_base_patch16_clip_quickgelu_224.op
 
     With image_pretrained/text_pretrained False nothing is downloaded or read: the
     architecture is built and the weights are expected from a checkpoint."""
-    from hat.multisea.encoders import build_clip_vision, build_text_encoder, freeze_clip_vision
+    from hat.models.multisea.encoders import build_clip_vision, build_text_encoder, freeze_clip_vision
 
     vit = build_clip_vision(image_backbone, depth=vision_depth, pretrained=image_pretrained,
                             weights=image_weights if image_pretrained else None, image_size=image_size,

@@ -7,7 +7,7 @@ import pytest
 import timm
 import torch
 
-from hat.encoders import SwinStages
+from hat.models.hat.encoders import SwinStages
 from tests.conftest import ROOT
 
 TINY_SWIN = dict(embed_dim=16, depths=(1, 1, 1, 1), num_heads=(1, 1, 2, 2), window_size=4)
@@ -43,7 +43,7 @@ def test_swin_weights_from_a_local_timm_file(tmp_path, suffix):
 
 def test_offline_without_weights_names_the_config_key(tmp_path):
     script = (
-        "from hat.encoders import SwinStages, BertLayers, BackboneError\n"
+        "from hat.backbones import BackboneError\nfrom hat.models.hat.encoders import SwinStages, BertLayers\n"
         "for make in (lambda: SwinStages('swin_base_patch4_window7_224.ms_in22k', [2, 3, 4], pretrained=True),\n"
         "             lambda: SwinStages('swin_base_patch4_window7_224', [2, 3, 4], weights='/nope/swin.pth'),\n"
         "             lambda: BertLayers('bert-base-uncased', [4], pretrained=True)):\n"

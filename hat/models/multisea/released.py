@@ -46,6 +46,9 @@ def is_released_multisea(state_dict: dict) -> bool:
         k.startswith("aformer.encoder.layers.") for k in state_dict)
 
 
+is_released = is_released_multisea  # the name hat.plugins.ModelPlugin looks for
+
+
 def _ours_to_released_name(name: str) -> str:
     """Project state_dict name -> the authors' name (raises KeyError if it has none)."""
     if not name.startswith("visual_encoder."):

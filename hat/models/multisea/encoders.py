@@ -16,8 +16,9 @@ import os
 import timm
 from torch import nn
 
-from hat.encoders import (BackboneError, _from_hub_or_cache, _text_config, download_hint,
-                          pretrained_timm_state, resolve_text_backbone)
+from hat.backbones import (BackboneError, download_hint, from_hub_or_cache, pretrained_timm_state,
+                           resolve_text_backbone)
+from hat.backbones import text_config as backbone_text_config
 
 CLIP_VIT_B16 = "vit_base_patch16_clip_quickgelu_224.openai"
 ROBERTA_BASE_NAMES = {"roberta-base", "FacebookAI/roberta-base"}
@@ -64,7 +65,7 @@ def text_config(text_backbone: str):
     bert-base-uncased, else a local folder or the hub)."""
     if text_backbone in ROBERTA_BASE_NAMES:
         return roberta_base_config()
-    return _text_config(text_backbone)
+    return backbone_text_config(text_backbone)
 
 
 def build_text_encoder(text_backbone: str = "roberta-base", pretrained: bool = True) -> nn.Module:
@@ -76,7 +77,7 @@ def build_text_encoder(text_backbone: str = "roberta-base", pretrained: bool = T
         path = resolve_text_backbone(text_backbone)
         try:
             model = (AutoModel.from_pretrained(path) if os.path.isdir(path)
-                     else _from_hub_or_cache(AutoModel.from_pretrained, path))
+                     else from_hub_or_cache(AutoModel.from_pretrained, path))
         except OSError as error:
             raise BackboneError(
                 f"text_backbone={text_backbone}: weights not found locally or on the hub; "

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from hat.alignment import scan_similarity
+from hat.models.hat.alignment import scan_similarity
 
 
 def _projection(in_features: int, out_features: int) -> nn.Linear:
@@ -101,7 +101,7 @@ def build_hat(image_backbone: str, text_backbone: str, level_pairs, embed_dim: i
     With image_pretrained/text_pretrained False nothing is downloaded or read: the
     architecture is built and the weights are expected from a checkpoint. ``text_dropout``
     overrides the text backbone's dropout probabilities (None keeps its own)."""
-    from hat.encoders import BertLayers, SwinStages
+    from hat.models.hat.encoders import BertLayers, SwinStages
 
     stages = [int(pair[0]) for pair in level_pairs]
     layers = [int(pair[1]) for pair in level_pairs]

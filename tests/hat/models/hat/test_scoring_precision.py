@@ -1,4 +1,4 @@
-"""Half-precision inputs of hat.alignment.scan_similarity (spec hat.md section 2).
+"""Half-precision inputs of hat.models.hat.alignment.scan_similarity (spec hat.md section 2).
 
 Half inputs are scored with fp32 accumulation and an fp32 result. On CUDA the token GEMM
 runs in fp16/bf16 with fp32 output; on CPU the inputs are upcast per tile. Both are
@@ -13,8 +13,8 @@ are <= 2e-4 (D = 768, random and correlated features), so 1e-3 leaves a 5x margi
 import pytest
 import torch
 
-import hat.alignment as alignment
-from hat.alignment import scan_similarity
+import hat.models.hat.alignment as alignment
+from hat.models.hat.alignment import scan_similarity
 
 DIRECTIONS = ["i2t", "t2i"]
 HALVES = [torch.bfloat16, torch.float16]

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 from hat.checkpoint import load_model_weights, read_checkpoint_file
-from hat.multisea.model import build_multisea
-from hat.multisea.released import (CLIP_TEXT_LEFTOVERS, is_released_multisea, load_released_state_dict,
+from hat.models.multisea.model import build_multisea
+from hat.models.multisea.released import (CLIP_TEXT_LEFTOVERS, is_released_multisea, load_released_state_dict,
                                    to_released_state_dict)
-from hat.multisea.rerank import rerank_scores
+from hat.models.multisea.rerank import rerank_scores
 from tests.conftest import read_key_list
 
 FULL = dict(image_pretrained=False, text_pretrained=False)  # the defaults are the paper's model

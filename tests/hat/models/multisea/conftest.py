@@ -10,8 +10,8 @@ TINY_AFORMER = dict(embed_dim=32, num_layers=2, num_heads=4, num_agents=8, queue
 def build_tiny(seed: int = 0, **overrides):
     from transformers import BertConfig, BertModel
 
-    from hat.multisea.encoders import build_clip_vision
-    from hat.multisea.model import MultiSEA
+    from hat.models.multisea.encoders import build_clip_vision
+    from hat.models.multisea.model import MultiSEA
 
     torch.manual_seed(seed)
     vit = build_clip_vision(**TINY_VIT)

@@ -1,4 +1,4 @@
-"""Tests for hat.loss.vse_loss, following shared/spec/hat.md section 3 ("Loss").
+"""Tests for hat.models.hat.loss.vse_loss, following shared/spec/hat.md section 3 ("Loss").
 
 L = sum_i max_{j != i} [m + S_ij - S_ii]_+  +  sum_j max_{i != j} [m + S_ij - S_jj]_+
 (rows images, columns captions, diagonal positives; summed, not averaged).
@@ -8,7 +8,7 @@ positive_mask[i, j] = True removes S_ij from the negatives; the diagonal never i
 import pytest
 import torch
 
-from hat.loss import vse_loss
+from hat.models.hat.loss import vse_loss
 
 
 # --------------------------------------------------------------------------------------
