@@ -24,26 +24,21 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from hat.models.hat.alignment import scan_similarity  # noqa: E402
+from hat.models.hat.model import summed_scores  # noqa: E402
 from hat.evaluation import level_metrics, level_similarities, recall  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 class RandomScorer:
-    """Stands in for HAT: ``score`` sums scan_similarity over the levels given."""
+    """Stands in for a HAT model on random features: its ``score`` is HAT's."""
 
     def __init__(self, direction):
         self.direction = direction
 
-    def score(self, image_features, caption_features, caption_lengths, image_tile=None,
-              caption_tile=None):
-        total = None
-        for images, captions in zip(image_features, caption_features):
-            level = scan_similarity(images, captions, caption_lengths, self.direction, 9.0,
-                                    image_tile, caption_tile)
-            total = level if total is None else total + level
-        return total
+    def score(self, image_features, caption_features, caption_lengths, image_tile=None, caption_tile=None):
+        return summed_scores(image_features, caption_features, caption_lengths, self.direction, 9.0,
+                             image_tile, caption_tile)
 
 
 def rss_gib() -> float:

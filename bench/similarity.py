@@ -11,7 +11,7 @@ same inputs in the same run:
            preallocated output (tiled over images when the output would pass 2^27
            scores): the work any exact method must do.
   scan     scan_similarity with its default tiles.
-  literal  the spec step by step, one caption at a time (batched over images, context
+  literal  SCAN as the paper states it, step by step, one caption at a time (batched over images, context
            vectors materialised), in fp32 and in fp64 as the released code runs it; timed
            on the first --literal-captions / --literal64-captions captions and
            extrapolated linearly to the gallery when fewer (marked with *).
@@ -80,7 +80,7 @@ def _cos_rows(x, y):
 
 
 def literal(images, captions, lengths, direction, lam=9.0):
-    """hat.md section 2 step by step, a Python loop over captions -> [I, C]."""
+    """SCAN as the paper states it, step by step, a Python loop over captions -> [I, C]."""
     out = images.new_empty(images.shape[0], captions.shape[0])
     for j, n in enumerate(lengths.tolist()):
         t = captions[j, :n]  # [n, D]

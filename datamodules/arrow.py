@@ -1,4 +1,4 @@
-"""ViLT-format arrow files: one row per image (spec data.md).
+"""ViLT-format arrow files: one row per image.
 
 Columns: ``image`` (JPEG bytes), ``caption`` (list of raw sentences, file order),
 ``image_id`` (file name) and ``split``. Files are opened memory-mapped; images are

@@ -18,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from datamodules.arrow import SPLIT_FILES
+from datamodules.atomic import atomic_file
 from datamodules.writer import write_arrow
 
 GENERATOR_VERSION = 2
@@ -209,9 +210,6 @@ def ensure_demo_data(cache_dir: str | None = None, train_images: int = 2000, eva
         for offset, split in enumerate(("test", "val", "train")):
             rng = np.random.default_rng([seed, 2, offset])
             write_arrow(paths[split], _rows(split, plan[split], rng, image_size))
-        with open(meta_path + ".tmp", "w") as handle:
+        with atomic_file(meta_path, "w") as handle:  # written last: marks the set complete
             json.dump(params, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(meta_path + ".tmp", meta_path)
     return folder

@@ -1,7 +1,7 @@
 """Karpathy split files (dataset_flickr30k.json, dataset_coco.json), streamed.
 
 ``{"images": [{"filename", "filepath" (COCO), "split", "sentences": [{"raw"}, ...]}, ...],
-"dataset": ...}`` (spec data.md). ``json.load`` of dataset_coco.json takes over a GB
+"dataset": ...}``. ``json.load`` of dataset_coco.json takes over a GB
 of Python objects; ``iter_images`` parses one image record at a time instead, in file
 order, so memory does not grow with the file.
 """

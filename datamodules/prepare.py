@@ -29,7 +29,7 @@ from datamodules.arrow import REQUIRED_COLUMNS, DataError, one_line
 from datamodules.karpathy import iter_images
 from datamodules.writer import ArrowWriter, remove_stale_temporaries
 
-PROTOCOL_CAPTIONS = 5  # the test protocol's captions per image (spec data.md)
+PROTOCOL_CAPTIONS = 5  # the test protocol's captions per image (Karpathy splits)
 SHOW_FIRST = 3  # missing images named in the error
 
 

@@ -1,4 +1,4 @@
-"""Image transforms (HAT spec section 4; Multi-SEA spec multisea.md section 4)."""
+"""Image transforms: HAT's crops and flips, plain resizing (the demo), CLIP's resize, crop and normalisation (Multi-SEA)."""
 from __future__ import annotations
 
 from torchvision import transforms as T

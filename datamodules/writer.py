@@ -2,8 +2,9 @@
 
 Rows go out in record batches bounded in rows and in bytes, so memory does not grow
 with the split (ViLT's writer holds a whole split in a pandas frame). A file is written
-under ``<path>.tmp-<pid>`` and renamed into place only when complete: an interrupted
-write never leaves a file that looks finished.
+under ``<path>.tmp-<pid>`` and renamed into place only when complete
+(`datamodules.atomic.atomic_file`): an interrupted write never leaves a file that looks
+finished.
 """
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import os
 import pyarrow as pa
 
 from datamodules.arrow import DataError
+from datamodules.atomic import atomic_file
 
 VILT_SCHEMA = pa.schema([
     ("image", pa.binary()),
@@ -32,15 +34,14 @@ class ArrowWriter:
 
     def __init__(self, path: str, batch_rows: int = BATCH_ROWS, batch_bytes: int = BATCH_BYTES):
         self.path, self.batch_rows, self.batch_bytes = path, batch_rows, batch_bytes
-        self.tmp_path = f"{path}.tmp-{os.getpid()}"
         self.count = 0
         self._buffer: list[tuple] = []
         self._buffered_bytes = 0
-        self._sink = self._writer = None
+        self._file = self._writer = None
 
     def __enter__(self) -> "ArrowWriter":
-        self._sink = pa.OSFile(self.tmp_path, "wb")
-        self._writer = pa.ipc.new_file(self._sink, VILT_SCHEMA)
+        self._file = atomic_file(self.path)
+        self._writer = pa.ipc.new_file(self._file.__enter__(), VILT_SCHEMA)
         return self
 
     def write(self, image: bytes, captions: list[str], image_id: str, split: str) -> None:
@@ -59,15 +60,11 @@ class ArrowWriter:
         try:
             if exc_type is None:
                 self._flush()
-                self._writer.close()
-                self._sink.close()
-                with open(self.tmp_path, "rb") as handle:
-                    os.fsync(handle.fileno())
-                os.replace(self.tmp_path, self.path)
-        finally:
-            self._sink.close()  # a no-op when already closed
-            if os.path.exists(self.tmp_path):
-                os.remove(self.tmp_path)
+            self._writer.close()
+        except BaseException as error:
+            self._file.__exit__(type(error), error, error.__traceback__)
+            raise
+        self._file.__exit__(exc_type, exc, traceback)
 
 
 def write_arrow(path: str, rows, batch_rows: int = BATCH_ROWS, batch_bytes: int = BATCH_BYTES) -> int:

@@ -19,6 +19,7 @@ import pickle
 
 import torch
 
+from datamodules.atomic import atomic_file
 from hat.plugins import plugins
 
 FORMAT = "hat-toolkit"
@@ -108,19 +109,10 @@ def save_checkpoint(path: str, model, optimizer=None, scheduler=None, epoch: int
 
 
 def atomic_save(state, path: str) -> str:
-    """torch.save ``state`` to ``path`` atomically: a temporary file beside it, fsync,
-    rename. A failed or interrupted write leaves ``path`` as it was and no temporary."""
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp_path, "wb") as handle:
-            torch.save(state, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_path, path)
-    finally:
-        if os.path.exists(tmp_path):
-            os.remove(tmp_path)
+    """torch.save ``state`` to ``path`` atomically (`datamodules.atomic.atomic_file`): a
+    failed or interrupted write leaves ``path`` as it was and no temporary file."""
+    with atomic_file(path) as handle:
+        torch.save(state, handle)
     return path
 
 

@@ -1,6 +1,6 @@
 """Retrieval evaluation: encode once, score every pair, apply the recall protocol.
 
-The protocol (spec evaluation.md): for each query the rank is the number of negatives
+The recall protocol: for each query the rank is the number of negatives
 scoring at least as high as its best positive (ties never favour the positive).
 Ranks are computed in chunks of queries on the device holding the score matrix.
 

@@ -17,6 +17,8 @@ import json
 import os
 import time
 
+from datamodules.atomic import atomic_file
+
 # keys that say where files go or how a run is watched, not what it computes
 LOCATION_KEYS = ("resume", "resume_from", "progress", "observer_dir", "checkpoint_dir")
 
@@ -44,12 +46,8 @@ def new_folder(root: str, name: str) -> str:
 
 
 def write_json_atomic(path: str, value) -> None:
-    tmp_path = f"{path}.tmp-{os.getpid()}"
-    with open(tmp_path, "w") as handle:
+    with atomic_file(path, "w") as handle:
         json.dump(value, handle, indent=2, sort_keys=True)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp_path, path)
 
 
 def checkpoint_folder(config: dict, run_dir: str | None, run_id) -> str:

@@ -1,5 +1,5 @@
-"""Tests for hat.evaluation.recall, following shared/spec/evaluation.md
-("Retrieval evaluation protocol").
+"""Tests for hat.evaluation.recall, following the
+retrieval evaluation protocol of the HAT and Multi-SEA papers.
 
 rank = number of negatives scoring >= the query's best positive (ties never favour
 the positive); R@K = 100 * count(rank < K) / n; medr = floor(median(rank)) + 1;
@@ -22,10 +22,10 @@ KEYS = [
 
 
 # --------------------------------------------------------------------------------------
-# Literal reference (evaluation.md)
+# Literal reference (the recall protocol)
 # --------------------------------------------------------------------------------------
 def reference_ranks(sims, caption_to_image=None):
-    """Python loops over queries, per evaluation.md: rank = number of negatives that
+    """Python loops over queries, per the protocol: rank = number of negatives that
     score at least as high as the query's best positive."""
     sims = np.asarray(sims, dtype=np.float64)
     n_images, n_captions = sims.shape

@@ -1,7 +1,7 @@
-"""SCAN-style cross attention between image regions and caption words (HAT, spec section 2).
+"""SCAN-style cross attention between image regions and caption words (HAT).
 
 One score per (image, caption) pair and level. Both directions use the Gram-matrix
-identities of the spec, so the attended context vectors are never materialised:
+identities, so the attended context vectors are never materialised:
 
 * i2t (regions are queries):  cos(v_r, c_r) = (sum_w a_rw s_wr) / (|v_r| sqrt(a_r^T G a_r)),
   G = T T^T the caption's word Gram matrix [n, n].
@@ -37,6 +37,7 @@ everything after the GEMM is fp32, and the result is fp32.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -71,14 +72,25 @@ def _gemm_dtype(dtype: torch.dtype, device: torch.device) -> torch.dtype:
     return dtype
 
 
+@functools.lru_cache(maxsize=None)
+def has_fp32_output_mm(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether ``torch.mm(..., out_dtype=torch.float32)`` has a kernel for ``dtype`` inputs
+    on ``device`` (probed once, on 2 x 2 inputs; a failure of a real product, such as out
+    of memory, is then never mistaken for a missing kernel)."""
+    probe = torch.zeros(2, 2, dtype=dtype, device=device)
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+        return True
+    except (TypeError, RuntimeError, NotImplementedError):
+        return False
+
+
 def _token_scores(rows: torch.Tensor, cols: torch.Tensor, grad: bool, out=None) -> torch.Tensor:
     """rows [M, D] x cols [K, D] -> raw scores [M, K]; fp32 for half inputs."""
     if rows.dtype in HALF_DTYPES:
-        if not grad:
-            try:  # CUDA: fp16/bf16 tensor cores, fp32 accumulation and fp32 output
-                return torch.mm(rows, cols.t(), out_dtype=torch.float32)
-            except (TypeError, RuntimeError, NotImplementedError):
-                pass
+        if not grad and has_fp32_output_mm(rows.device, rows.dtype):
+            # CUDA: fp16/bf16 tensor cores, fp32 accumulation and fp32 output
+            return torch.mm(rows, cols.t(), out_dtype=torch.float32)
         # autograd (mm.dtype has no derivative) or no fp32-output kernel: half output
         return torch.mm(rows, cols.t()).float()
     return torch.mm(rows, cols.t(), out=out)

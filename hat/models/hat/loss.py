@@ -1,4 +1,4 @@
-"""VSE++ triplet ranking loss over a batch score matrix (HAT spec section 3)."""
+"""VSE++ triplet ranking loss over a batch score matrix (HAT)."""
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,4 @@
-"""HAT: hierarchical alignment of Swin stages and BERT layers (spec sections 1-2)."""
+"""HAT: hierarchical alignment of Swin stages and BERT layers."""
 from __future__ import annotations
 
 import torch
@@ -12,6 +12,18 @@ def _projection(in_features: int, out_features: int) -> nn.Linear:
     nn.init.normal_(layer.weight, mean=0.0, std=0.02)
     nn.init.zeros_(layer.bias)
     return layer
+
+
+def summed_scores(image_features, caption_features, caption_lengths, direction: str = "i2t",
+                  lambda_softmax: float = 9.0, image_tile=None, caption_tile=None) -> torch.Tensor:
+    """HAT's score of encoded images and captions: the SCAN similarities of the levels
+    (per level [N_images, R, D] and [N_captions, L, D]) added up -> [N_images, N_captions]."""
+    total = None
+    for images, captions in zip(image_features, caption_features):
+        level = scan_similarity(images, captions, caption_lengths, direction=direction,
+                                lambda_softmax=lambda_softmax, image_tile=image_tile, caption_tile=caption_tile)
+        total = level if total is None else total + level
+    return total
 
 
 class HAT(nn.Module):
@@ -54,15 +66,8 @@ class HAT(nn.Module):
     def score(self, image_features, caption_features, caption_lengths, image_tile=None,
               caption_tile=None) -> torch.Tensor:
         """Summed level scores [N_images, N_captions] of encoded images and captions."""
-        total = None
-        for images, captions in zip(image_features, caption_features):
-            level = scan_similarity(
-                images, captions, caption_lengths, direction=self.direction,
-                lambda_softmax=self.lambda_softmax, image_tile=image_tile,
-                caption_tile=caption_tile,
-            )
-            total = level if total is None else total + level
-        return total
+        return summed_scores(image_features, caption_features, caption_lengths, self.direction,
+                             self.lambda_softmax, image_tile, caption_tile)
 
     def forward(self, images, input_ids, attention_mask, gather=None) -> torch.Tensor:
         """Batch score matrix [B_images, B_captions] for training. ``gather(tensor,

@@ -1,6 +1,6 @@
 """The authors' released HAT checkpoints (PyTorch-Lightning ``.ckpt``).
 
-Key layout: ../shared/spec/checkpoints/hat_state_dict.txt. ``state_dict`` holds
+Key layout: tests/data/hat_state_dict.txt (every key with its shape and dtype). ``state_dict`` holds
 ``vit_model.*`` (a timm-0.4 Swin plus per-stage norms), ``text_transformer.*`` (a BERT
 with transformers' names) and six ``cross_modal_{image,text}_transform{,_1,_2}``
 projections. This module maps those names onto the project's HAT module and back.

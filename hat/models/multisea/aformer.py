@@ -1,4 +1,4 @@
-"""AFormer: the Multi-SEA fusion module (spec multisea.md section 2).
+"""AFormer: the Multi-SEA fusion module.
 
 Every layer holds two independent experts, ``image_expert`` and ``text_expert``. An
 expert is MHSA -> [agent cross-attention onto the other modality] -> Dual-Gate FFN, each

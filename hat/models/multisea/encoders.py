@@ -1,4 +1,4 @@
-"""Multi-SEA backbones through timm and transformers (spec multisea.md section 1).
+"""Multi-SEA backbones through timm and transformers.
 
 * Image: a timm CLIP ViT (default OpenAI ViT-B/16, QuickGELU) built with the first 11
   blocks; ``forward_features`` gives all tokens through the final norm (CLIP's ln_post),

@@ -1,4 +1,4 @@
-"""Multi-SEA training losses (spec multisea.md section 4): ITC with a feature queue and
+"""Multi-SEA training losses: ITC with a feature queue and
 ITM with in-batch hard negatives, as plain functions of tensors.
 
 Conventions: features f are [B, D] (not normalised); the queues are [D, Q] columns with

@@ -1,4 +1,4 @@
-"""Multi-SEA: multi-stage semantic enhancement and aggregation (spec multisea.md 1-4).
+"""Multi-SEA: multi-stage semantic enhancement and aggregation.
 
 1. Encoding: V0 = CLIP ViT tokens [B, R, Wv], T0 = text tokens [B, L, Wt], p_T = text
    pooler; g_I = P_vf(tanh(W V0[:, 0])), E_I = P_ve(V0); g_T = P_tf(p_T), E_T = P_te(T0).

@@ -1,6 +1,6 @@
 """The authors' released Multi-SEA checkpoints (PyTorch-Lightning ``.ckpt``).
 
-Key layout: ../shared/spec/checkpoints/multisea_state_dict.txt. Everything but the
+Key layout: tests/data/multisea_state_dict.txt (every key with its shape and dtype). Everything but the
 visual encoder carries the project's names already (temp, alpha, the queues,
 text_encoder.* = transformers names, vision_pooler, *_proj_*, aformer.*, itm_head). The
 authors' CLIP ViT (``visual_encoder.visual.*``, OpenAI names) maps onto timm's

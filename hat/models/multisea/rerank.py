@@ -1,4 +1,4 @@
-"""Multi-SEA inference (spec multisea.md section 5): encode once, ITC shortlist, ITM re-rank.
+"""Multi-SEA inference: encode once, ITC shortlist, ITM re-rank.
 
 1. f, F for every image and caption (once).
 2. S = f_I f_T^T / tau for all pairs.

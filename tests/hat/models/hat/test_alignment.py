@@ -1,7 +1,7 @@
-"""Tests for hat.models.hat.alignment.scan_similarity against a literal reference of the spec.
+"""Tests for hat.models.hat.alignment.scan_similarity against a literal reference.
 
-The reference below follows docs `shared/spec/hat.md`, section 2 ("Similarity:
-SCAN-style cross attention") step by step, one (image, caption) pair at a time, in
+The reference below follows HAT's SCAN-style cross attention as the paper states it,
+step by step, one (image, caption) pair at a time, in
 float64, materialising c_r / c_w explicitly.
 """
 import pytest
@@ -15,19 +15,19 @@ COS_EPS = 1e-8
 
 
 # --------------------------------------------------------------------------------------
-# Literal reference (hat.md section 2)
+# Literal reference (SCAN as the paper states it)
 # --------------------------------------------------------------------------------------
 def _leaky_relu(x):
     return torch.where(x > 0, x, LEAKY_SLOPE * x)
 
 
 def _cos(x, y):
-    """cos(x, y) = x.y / max(|x||y|, 1e-8)  (hat.md section 2, step 5)."""
+    """cos(x, y) = x.y / max(|x||y|, 1e-8)  (the cosine of SCAN)."""
     return (x * y).sum() / torch.clamp(x.norm() * y.norm(), min=COS_EPS)
 
 
 def _reference_pair_i2t(v, t, lam):
-    """hat.md section 2, direction i2t, for one image v [R, D] and one unpadded caption
+    """SCAN, direction i2t, for one image v [R, D] and one unpadded caption
     t [n, D]. Regions are the queries."""
     n_regions = v.shape[0]
     # 1. s_wr = t_w . v_r                                              -> s[w, r]
@@ -48,7 +48,7 @@ def _reference_pair_i2t(v, t, lam):
 
 
 def _reference_pair_t2i(v, t, lam):
-    """hat.md section 2, direction t2i, for one image v [R, D] and one unpadded caption
+    """SCAN, direction t2i, for one image v [R, D] and one unpadded caption
     t [n, D]. Words are the queries."""
     n_words = t.shape[0]
     # 1. s_rw = v_r . t_w, LeakyReLU_0.1                               -> s[r, w]

@@ -1,4 +1,4 @@
-"""Tests for hat.models.hat.loss.vse_loss, following shared/spec/hat.md section 3 ("Loss").
+"""Tests for hat.models.hat.loss.vse_loss, following HAT's loss (VSE++ with the hardest negative).
 
 L = sum_i max_{j != i} [m + S_ij - S_ii]_+  +  sum_j max_{i != j} [m + S_ij - S_jj]_+
 (rows images, columns captions, diagonal positives; summed, not averaged).
@@ -12,7 +12,7 @@ from hat.models.hat.loss import vse_loss
 
 
 # --------------------------------------------------------------------------------------
-# Literal reference (hat.md section 3)
+# Literal reference (VSE++, hardest negative)
 # --------------------------------------------------------------------------------------
 def reference_vse_loss(scores, margin=0.2, hardest_negative=True, positive_mask=None):
     """Python loops over the batch; each hinge term written out."""

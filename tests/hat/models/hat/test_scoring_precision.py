@@ -1,4 +1,4 @@
-"""Half-precision inputs of hat.models.hat.alignment.scan_similarity (spec hat.md section 2).
+"""Half-precision inputs of hat.models.hat.alignment.scan_similarity.
 
 Half inputs are scored with fp32 accumulation and an fp32 result. On CUDA the token GEMM
 runs in fp16/bf16 with fp32 output; on CPU the inputs are upcast per tile. Both are
@@ -76,6 +76,7 @@ def test_half_rows_on_cuda_request_fp32_output(monkeypatch):
         calls.append(kwargs.get("out_dtype"))
         return real_mm(a, b, **kwargs)
     monkeypatch.setattr(torch, "mm", spy)
+    alignment.has_fp32_output_mm.cache_clear()  # the capability is probed once per device and dtype
     a, b = torch.randn(4, 8).bfloat16(), torch.randn(3, 8).bfloat16()
     out = alignment._token_scores(a, b, grad=False)
     assert calls[0] == torch.float32 and out.dtype == torch.float32
@@ -93,3 +94,20 @@ def test_autocast_does_not_change_the_result(direction):
         cast = scan_similarity(images, captions, lengths, direction=direction)
     assert cast.dtype == torch.float32
     torch.testing.assert_close(cast, plain, rtol=1e-6, atol=1e-7)
+
+
+def test_a_failing_fp32_output_product_is_not_retried_on_another_kernel(monkeypatch):
+    """Only the one-time probe may find the fp32-output kernel missing; a real product that
+    fails (out of memory) raises instead of silently running again in half precision."""
+    real_mm = torch.mm
+
+    def mm(a, b, **kwargs):
+        if kwargs.get("out_dtype") is not None and a.shape[0] > 2:
+            raise RuntimeError("CUDA out of memory. Tried to allocate 20.00 GiB")
+        return real_mm(a, b)  # the probe (2 x 2) passes: the kernel exists
+    monkeypatch.setattr(torch, "mm", mm)
+    alignment.has_fp32_output_mm.cache_clear()
+    a, b = torch.randn(4, 8).bfloat16(), torch.randn(3, 8).bfloat16()
+    with pytest.raises(RuntimeError, match="out of memory"):
+        alignment._token_scores(a, b, grad=False)
+    alignment.has_fp32_output_mm.cache_clear()

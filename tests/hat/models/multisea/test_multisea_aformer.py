@@ -1,4 +1,4 @@
-"""AFormer pieces against literal re-statements of spec multisea.md section 2."""
+"""AFormer pieces against literal re-statements of the paper's equations."""
 import math
 
 import pytest

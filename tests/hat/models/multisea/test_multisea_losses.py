@@ -1,4 +1,4 @@
-"""ITC with the queue, queue writes, hard negatives and ITM pairs (spec multisea.md section 4)."""
+"""ITC with the queue, queue writes, hard negatives and ITM pairs."""
 import math
 
 import pytest

@@ -1,4 +1,4 @@
-"""ITC shortlist + ITM re-rank (spec multisea.md section 5)."""
+"""ITC shortlist + ITM re-rank."""
 import pytest
 import torch
 
