@@ -13,6 +13,7 @@ with ``with multisea`` is refused. Anything given on the command line wins.
 """
 from sacred import Experiment
 
+import hat.models  # noqa: F401  (registers the built-in models)
 from hat.plugins import on_register
 
 ex = Experiment("HAT", save_git_info=False)
@@ -86,33 +87,15 @@ def demo_defaults(demo_recipe):
         max_text_len = 32
 
 
-@ex.named_config
-def flickr():
-    # Flickr30K (the default dataset): Karpathy 1K test
-    dataset = "f30k"
-
-
-@ex.named_config
-def coco_config():
-    # MSCOCO (train = train + restval, Karpathy 5K test; the 1K protocol next to it)
-    dataset = "coco"
-    eval_folds = 5  # report MSCOCO 1K (5 folds) next to MSCOCO 5K
-
-
-@ex.named_config
-def multisea():
-    # Multi-SEA: CLIP ViT-B/16 + RoBERTa-base, AFormer, ITC + hierarchical ITM, re-rank
-    model = "multisea"
-
-
-@ex.named_config
-def t2i():
-    # HAT (t-i): words attend to regions, in training and at test time
-    direction = "t2i"
-
-
-@ex.named_config
-def demo():
-    # The embedded demo: with demo, with multisea demo
-    dataset = "demo"
-    demo_recipe = True
+# Named configs only set selectors (and what goes with them), so they compose in any order;
+# of two dataset configs the last one named wins.
+NAMED_CONFIGS = {
+    "flickr": {"dataset": "f30k"},  # Flickr30K (the default): Karpathy 1K test
+    # MSCOCO (train = train + restval, Karpathy 5K test) and the 1K protocol (5 folds) next to it
+    "coco_config": {"dataset": "coco", "eval_folds": 5},
+    "multisea": {"model": "multisea"},  # CLIP ViT-B/16 + RoBERTa-base, AFormer, ITC + ITM, re-rank
+    "t2i": {"direction": "t2i"},  # HAT (t-i): words attend to regions, in training and at test time
+    "demo": {"dataset": "demo", "demo_recipe": True},  # the embedded demo: with demo, with multisea demo
+}
+for _name, _values in NAMED_CONFIGS.items():
+    ex.add_named_config(_name, _values)

@@ -5,6 +5,6 @@ Shared modules (they import no model): `hat.plugins` (what a model provides, the
 registry), `hat.loop` (training), `hat.evaluation` (encoding, scoring protocol, recalls,
 feature cache), `hat.checkpoint` (checkpoint I/O), `hat.distributed`, `hat.backbones`
 (where backbones and tokenizers come from), `hat.run_folders`. Models: `hat.models.hat`,
-`hat.models.multisea`, registered in `hat.models`.
+`hat.models.multisea`, registered in `hat.models` (imported by config.py, and by any
+import of a model module).
 """
-import hat.models  # noqa: F401  (registers the built-in models)

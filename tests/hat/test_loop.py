@@ -151,3 +151,32 @@ def test_multisea_step_under_bf16_autocast_on_cpu():
     assert not torch.equal(model.itm_head.weight, before)  # the step moved the weights
     assert model.itm_head.weight.dtype == torch.float32  # autocast leaves the parameters in fp32
     assert model.queue_ptr.item() == 6  # both micro-batches went through the queue
+
+
+def test_fp16_with_grad_scaler_unscales_before_clipping_and_skips_overflow():
+    """The fp16 path (GradScaler; on CPU here, the same code on CUDA): the clipped gradient
+    is the unscaled one's, and a step whose gradients overflow is skipped, not applied."""
+    torch.manual_seed(2)
+    model = ToyDualEncoder(vocab_size=50, dim=8)
+    batch = toy_batch(seed=2)
+    expected = literal_gradients(model, batch, "infonce")
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in expected]))
+
+    def compute(network, micro):
+        return {"loss": toy_loss(network(micro["images"], micro["input_ids"], micro["attention_mask"]).float(),
+                                 "infonce", 0.1)}
+
+    scaled = copy.deepcopy(model)
+    optimizer = RecordingSGD(scaled.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    _, skipped = optimizer_step(scaled, compute, batch, optimizer, CPU, 8, amp_dtype=torch.float16, scaler=scaler,
+                                clip_norm=float(norm) / 2, parameters=scaled.parameters())
+    assert not skipped
+    for param, want in zip(scaled.parameters(), expected):  # fp16 matmuls: a looser tolerance
+        torch.testing.assert_close(optimizer.seen[id(param)], want / 2, rtol=2e-2, atol=2e-3)
+
+    before = [p.detach().clone() for p in scaled.parameters()]
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 100)  # overflows the fp16 gradients
+    _, skipped = optimizer_step(scaled, compute, batch, torch.optim.SGD(scaled.parameters(), lr=0.1), CPU, 4,
+                                amp_dtype=torch.float16, scaler=scaler, parameters=scaled.parameters())
+    assert skipped and all(torch.equal(a, b) for a, b in zip(before, scaled.parameters()))
