@@ -165,13 +165,14 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
     amp_dtype = amp_dtype_of(settings.precision)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     best_path, last_path = os.path.join(out_dir, "best.ckpt"), os.path.join(out_dir, "last.ckpt")
-    progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "skipped": 0, "best_score": None}
+    # loss_sums: the other losses the plug-in reports, summed over the epoch's steps
+    progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "loss_sums": {}, "skipped": 0, "best_score": None}
 
     def save(path, metrics=None):
         if not is_main_process():  # rank 0 writes the checkpoints
             return
         save_checkpoint(path, model, optimizer, scheduler, progress["epoch"], config, metrics,
-                        step=progress["step"], loss_sum=progress["loss_sum"],
+                        step=progress["step"], loss_sum=progress["loss_sum"], loss_sums=progress["loss_sums"],
                         skipped=progress["skipped"], best_score=progress["best_score"],
                         scaler=scaler.state_dict() if scaler is not None else None, rng=rng_state())
 
@@ -182,7 +183,8 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
         state = load_training_state(resume_path, model, optimizer, scheduler, plugin.name)
         if scaler is not None and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        progress.update({key: state[key] for key in progress if key != "epoch"}, epoch=state["epoch"])
+        progress.update({key: state.get(key, progress[key]) for key in progress if key != "epoch"},
+                        epoch=state["epoch"])
         set_rng_state(state["rng"])
         previous_best = os.path.join(os.path.dirname(resume_path), "best.ckpt")
         if is_main_process() and os.path.isfile(previous_best) and not os.path.exists(best_path):
@@ -219,12 +221,15 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
                 raise TrainingFailed(f"non-finite loss ({error}) at epoch {epoch}, step {progress['step']}; "
                                      f"last good checkpoint: {last_good()} (lower learning_rate, or "
                                      f"resume_from it)") from None
-            loss = losses["loss"]
+            loss = losses.pop("loss")
             progress["step"] += 1
             progress["loss_sum"] += loss
+            for key, value in losses.items():
+                progress["loss_sums"][key] = progress["loss_sums"].get(key, 0.0) + value
             progress["skipped"] += int(skipped)
             if settings.log_every_steps and progress["step"] % settings.log_every_steps == 0:
-                log("train.step_loss", loss, epoch * steps_per_epoch + progress["step"])
+                for key, value in {"loss": loss, **losses}.items():
+                    log(f"train.step_{key}", value, epoch * steps_per_epoch + progress["step"])
             bar.set_postfix(loss=f"{progress['loss_sum'] / progress['step']:.3f}", refresh=False)
             every = settings.checkpoint_every_steps
             if signals.received or (every and progress["step"] % every == 0):
@@ -245,6 +250,8 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
                                  f"learning_rate") from None
         score = sum(metrics[key] for key in settings.select_metric)
         log("train.loss", loss, epoch)
+        for key, total in progress["loss_sums"].items():  # the plug-in's other losses
+            log(f"train.{key}", total / max(progress["step"], 1), epoch)
         log("train.lr", lr, epoch)
         if scaler is not None:
             log("train.amp_skipped_steps", progress["skipped"], epoch)
@@ -254,7 +261,7 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
         print(f"epoch {epoch}: loss {loss:.4f} lr {lr:.2e} val i2t R@1 {metrics['i2t_r1']:.2f} "
               f"t2i R@1 {metrics['t2i_r1']:.2f} rsum {metrics['rsum']:.2f}"
               f"{' (best)' if improved else ''}", flush=True)
-        progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, skipped=0)
+        progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_sums={}, skipped=0)
         if improved:
             progress["best_score"] = score
             save(best_path, metrics)

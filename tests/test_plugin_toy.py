@@ -3,6 +3,8 @@ interface alone, trains and evaluates through the runner (run.py and hat/loop.py
 nothing of it)."""
 import json
 
+import pytest
+
 from hat.evaluation import METRIC_KEYS
 from hat.plugins import model_names
 from tests.toy_model import registered_toy
@@ -28,6 +30,10 @@ def test_toy_model_trains_an_epoch_and_evaluates_through_the_runner(tmp_path):
         losses = metrics["train.step_loss"]["values"]
         assert len(losses) == 48 * 5 // 16 and losses[-1] < losses[0]  # it learnt from its loss
         assert metrics["val.rsum"]["steps"] == [0]
+        # the plug-in's other losses are logged beside the loss, per step and per epoch
+        positives = metrics["train.step_mean_positive"]["values"]
+        assert len(positives) == len(losses) and positives[-1] > positives[0]
+        assert metrics["train.mean_positive"]["values"] == [pytest.approx(sum(positives) / len(positives))]
         again = ex.run(named_configs=["demo"],
                        config_updates=dict(updates, test_only=True, checkpoint=str(run_dir / "best.ckpt")))
         assert again.result == run.result  # to the last digit
