@@ -6,59 +6,19 @@ set them (``with multisea``, ``with coco_config``, ``with flickr``, ``with demo`
 compose in any order and with any key: ``python run.py with multisea coco_config
 per_gpu_batchsize=16``.
 
-The keys below are the runner's, shared by every model. Each model's own keys and its
-recipe live next to the model (``hat/models/<name>/plugin.py``) and exist only when that
-model is selected: ``print_config with multisea`` shows no HAT key, and a HAT key given
-with ``with multisea`` is refused. Anything given on the command line wins.
+The runner's keys, shared by every model, are in ``hat/defaults.py``. Each model's own keys
+and its recipe live next to the model (``hat/models/<name>/plugin.py``) and exist only
+when that model is selected: ``print_config with multisea`` shows no HAT key, and a HAT
+key given with ``with multisea`` is refused. Anything given on the command line wins.
 """
 from sacred import Experiment
 
 import hat.models  # noqa: F401  (registers the built-in models)
+from hat.defaults import demo_defaults, runner_defaults
 from hat.plugins import on_register
 
 ex = Experiment("HAT", save_git_info=False)
-
-
-@ex.config
-def runner_defaults():
-    model = "hat"  # a registered model: hat | multisea (with multisea)
-    dataset = "f30k"  # f30k | coco | demo (with flickr, with coco_config, with demo)
-    demo_recipe = dataset == "demo"  # the demo's small models (with demo); also on other data
-    exp_name = f"{model}_{dataset}"  # name of the experiment (checkpoint folder when no observer)
-    seed = 0  # seeds python, numpy and torch
-
-    data_root = None  # folder holding the ViLT-format arrow files (README, "Data")
-    raw_root = None  # prepare_data: folder with the images and dataset_{flickr30k,coco}.json
-    skip_missing_images = False  # prepare_data: leave out images whose file is absent
-    image_size = 224  # input resolution
-    image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only; clip: CLIP resize+crop+norm
-    text_backbone = "bert-base-uncased"  # HF hub name, local folder, or packaged-minilm (also the tokenizer)
-    max_text_len = 32  # tokens including [CLS] and [SEP]
-    captions_per_image = 5  # test protocol: first 5 captions per image; None keeps every caption
-    num_workers = 8  # data loader processes
-    demo_train_images = 2000  # dataset=demo only: training images generated
-    demo_eval_images = 200  # dataset=demo only: val and test images generated (each)
-
-    per_gpu_batchsize = 32  # micro-batch each process runs
-    batch_size = None  # global batch of one optimizer step; None: per_gpu_batchsize x processes
-    max_epoch = 10  # training epochs
-    clip_norm = None  # clip the gradient norm to this (None: no clipping)
-    precision = "auto"  # auto (the model's choice on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
-    device = "auto"  # auto | cpu | cuda | cuda:N
-    select_metric = ["rsum"]  # best checkpoint = highest sum of these val metrics
-
-    eval_batch_size = 128  # images / captions per encoding batch
-    eval_folds = None  # test: also the mean over this many consecutive folds (folds_*; MSCOCO 1K: 5)
-    test_only = False  # evaluate checkpoint on the test split, no training
-    checkpoint = None  # test_only: a project checkpoint or a released one to evaluate
-    observer_dir = "runs"  # Sacred FileStorageObserver directory; None records nothing
-    checkpoint_dir = None  # where checkpoints go; None: the run's observer directory
-    checkpoint_every_steps = 1000  # also write last.ckpt every N training steps (0: epoch ends only)
-    resume = False  # continue the latest run of this configuration
-    resume_from = None  # continue from this last.ckpt (exactly where it stopped)
-    progress = True  # progress bars
-    log_every_steps = 0  # also log train.step_loss every N steps (0: per-epoch metrics only)
-
+ex.config(runner_defaults)
 
 _SCOPES = set()
 
@@ -72,19 +32,7 @@ def _add_model_config(plugin) -> None:
 
 
 on_register(_add_model_config)
-
-
-@ex.config
-def demo_defaults(demo_recipe):
-    if demo_recipe:
-        # The embedded demo: synthetic shapes at 64 px and the packaged MiniLM BERT, with
-        # each model's tiny recipe (see its plug-in). Runs on a laptop CPU in minutes with
-        # no download: the data are generated on first use into ~/.cache/hat-toolkit (or
-        # $HAT_CACHE), unless data_root names a folder.
-        image_size = 64
-        num_workers = 0
-        text_backbone = "packaged-minilm"
-        max_text_len = 32
+ex.config(demo_defaults)  # after the models' scopes: the demo's shared settings win
 
 
 # Named configs only set selectors (and what goes with them), so they compose in any order;

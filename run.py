@@ -124,12 +124,7 @@ def train_and_test(c, _run, signals) -> dict:
     pad = {"pad_id": tokenizer.pad_token_id or 0, "pad_to": plugin.pad_to}
 
     def split_data(split: str) -> EvalData:
-        data = open_split(data_root, c["dataset"], split)
-        captions = SplitCaptions(data, tokenizer, c["max_text_len"], c["captions_per_image"])
-        transform = build_transform(c["image_transform"], c["image_size"], train=False)
-        return EvalData(image_loader(SplitImages(data, transform), c["eval_batch_size"], c["num_workers"]),
-                        caption_loader(captions, c["eval_batch_size"], c["num_workers"], **pad),
-                        captions.caption_to_image, split_paths(data_root, c["dataset"], split))
+        return eval_data(c, data_root, split, tokenizer, plugin.pad_to)
 
     if c["test_only"]:
         checkpoints = plugin.test_checkpoints()
@@ -171,6 +166,18 @@ def train_and_test(c, _run, signals) -> dict:
     for key, value in metrics.items():
         _run.log_scalar(f"test.{key}", value, 0)
     return metrics
+
+
+def eval_data(c, data_root: str, split: str, tokenizer, pad_to=None) -> EvalData:
+    """The loaders of a split as the runner evaluates it: images with the test-time
+    transform, the protocol's captions, the caption -> image map, the split's files."""
+    data = open_split(data_root, c["dataset"], split)
+    captions = SplitCaptions(data, tokenizer, c["max_text_len"], c["captions_per_image"])
+    transform = build_transform(c["image_transform"], c["image_size"], train=False)
+    return EvalData(image_loader(SplitImages(data, transform), c["eval_batch_size"], c["num_workers"]),
+                    caption_loader(captions, c["eval_batch_size"], c["num_workers"],
+                                   pad_id=tokenizer.pad_token_id or 0, pad_to=pad_to),
+                    captions.caption_to_image, split_paths(data_root, c["dataset"], split))
 
 
 def observer_folder(_run) -> str | None:

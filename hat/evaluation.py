@@ -12,6 +12,7 @@ MSCOCO 5K) or `fold_recall` (MSCOCO 1K: five consecutive folds). `save_features`
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
 import os
@@ -300,14 +301,21 @@ def encode_features(model, image_loader, caption_loader, device, dtype=None) -> 
     "lengths": [N_captions]}, each image and caption encoded once, in eval mode, stored
     in ``dtype`` (default: float16 on CUDA, float32 elsewhere)."""
     dtype = dtype or default_feature_dtype(device)
+    with eval_mode(model):
+        images = encode_images(model, image_loader, device, dtype)
+        captions, lengths = encode_captions(model, caption_loader, device, dtype)
+    return {"images": images, "captions": captions, "lengths": lengths}
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """``model`` in eval mode inside the block, back in the mode it had after."""
     was_training = model.training
     model.eval()
     try:
-        images = encode_images(model, image_loader, device, dtype)
-        captions, lengths = encode_captions(model, caption_loader, device, dtype)
+        yield model
     finally:
         model.train(was_training)
-    return {"images": images, "captions": captions, "lengths": lengths}
 
 
 def file_identity(path: str) -> str:

@@ -22,6 +22,9 @@ Adding a model means writing one subclass of `ModelPlugin`:
                           per epoch
 ``start_epoch``           the freezing schedule (what trains in this epoch)
 ``evaluate``              metrics of a split (validation and test: one path)
+``encode_image_set`` /    encode images / captions once, and score the encoded sets
+``encode_caption_set`` /  (what `hat.load_model` uses outside the runner; `evaluate`
+``score_sets``            ranks the same matrix)
 ``validate``              model-specific configuration checks (one-line errors)
 ``released_module``       the authors' released checkpoints: a module that recognises
                           and loads them
@@ -88,6 +91,20 @@ class ModelPlugin:
         of `hat.evaluation.METRIC_KEYS`."""
         raise NotImplementedError
 
+    def encode_image_set(self, model, loader, device):
+        """Encode every image of ``loader`` once (eval mode) -> the model's image features."""
+        raise NotImplementedError
+
+    def encode_caption_set(self, model, loader, device):
+        """Encode every caption of ``loader`` once (eval mode) -> the model's caption features."""
+        raise NotImplementedError
+
+    def score_sets(self, model, image_features, caption_features, rerank: bool = False):
+        """Scores [N_images, N_captions] of encoded sets: the matrix `evaluate` ranks
+        (``rerank``: a model's second, finer stage, where it has one: the text->image
+        matrix)."""
+        raise NotImplementedError
+
     def test_checkpoints(self) -> list:
         """What the final test of test_only=True evaluates: [checkpoint] by default."""
         return [self.c["checkpoint"]] if self.c["checkpoint"] else []
@@ -129,6 +146,8 @@ class EvalOptions:
     checkpoints: list = field(default_factory=list)
     n_folds: int | None = None
     info: dict = field(default_factory=dict)
+    keep_scores: bool = False  # fill ``scores`` with the score matrices that were ranked
+    scores: dict = field(default_factory=dict)
 
 
 _PLUGINS: dict[str, type] = {}

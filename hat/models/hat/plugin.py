@@ -208,8 +208,32 @@ class HATPlugin(ModelPlugin):
                 options.info["ensemble"] = scored
         levels = members[0] if len(members) == 1 else ensemble_similarities(members)
         del members
-        metrics, _ = protocol_metrics(levels, data.caption_to_image, test and c["per_level"], options.n_folds)
+        metrics, sims = protocol_metrics(levels, data.caption_to_image, test and c["per_level"], options.n_folds)
+        if options.keep_scores:
+            options.scores["sims"] = sims
         return metrics
+
+    def encode_image_set(self, model, loader, device):
+        """Per level [N_images, R, D] (fp16 on CUDA, as evaluate keeps them)."""
+        from hat.evaluation import default_feature_dtype, encode_images, eval_mode
+
+        with eval_mode(model):
+            return encode_images(model, loader, device, default_feature_dtype(device))
+
+    def encode_caption_set(self, model, loader, device):
+        """{"captions": per level [N_captions, L, D], "lengths": [N_captions]}."""
+        from hat.evaluation import default_feature_dtype, encode_captions, eval_mode
+
+        with eval_mode(model):
+            levels, lengths = encode_captions(model, loader, device, default_feature_dtype(device))
+        return {"captions": levels, "lengths": lengths}
+
+    def score_sets(self, model, image_features, caption_features, rerank: bool = False):
+        """The summed level scores, in the model's direction (what evaluate ranks)."""
+        from hat.evaluation import level_similarities, summed_levels
+
+        return summed_levels(level_similarities(model, {"images": image_features, **caption_features},
+                                                self.c["image_tile"], self.c["caption_tile"]))
 
 
 def member_direction(c, index: int, state) -> str:

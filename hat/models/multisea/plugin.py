@@ -168,6 +168,33 @@ class MultiSEAPlugin(ModelPlugin):
             path = options.checkpoints[0]
             loaded = load_model_weights(model, path)
             options.info.update(checkpoint=os.path.abspath(path), checkpoint_format=loaded["format"])
-        metrics, _ = evaluate(model, data.images, data.captions, data.caption_to_image, device,
-                              k=self.c["top_k"], n_folds=options.n_folds)
+        metrics, (i2t, t2i) = evaluate(model, data.images, data.captions, data.caption_to_image, device,
+                                       k=self.c["top_k"], n_folds=options.n_folds,
+                                       keep=options.scores if options.keep_scores else None)
+        if options.keep_scores:
+            options.scores.update(i2t=i2t, t2i=t2i)
         return metrics
+
+    def encode_image_set(self, model, loader, device):
+        """(f_I [N, D], F_I [N, R, D])."""
+        from hat.evaluation import encode_images, eval_mode
+
+        with eval_mode(model):
+            return tuple(encode_images(model, loader, device))
+
+    def encode_caption_set(self, model, loader, device):
+        """(f_T [N, D], F_T [N, L, D], mask [N, L])."""
+        from hat.evaluation import eval_mode
+        from hat.models.multisea.rerank import encode_caption_set
+
+        with eval_mode(model):
+            return encode_caption_set(model, loader, device)
+
+    def score_sets(self, model, image_features, caption_features, rerank: bool = False):
+        """ITC scores; ``rerank``: the text->image matrix re-ranked by ITM (each caption's
+        top_k images), as evaluate ranks it."""
+        from hat.models.multisea.rerank import itc_scores, rerank_scores
+
+        if not rerank:
+            return itc_scores(model, image_features[0], caption_features[0])
+        return rerank_scores(model, *image_features, *caption_features, k=self.c["top_k"])[1]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import torch
 
-from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, fold_metrics, recall, recall_sum
+from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, eval_mode, fold_metrics, recall, recall_sum
 
 OUTSIDE_TOP_K = -100.0
 
@@ -34,6 +34,14 @@ def _itm_scores(model, direction: str, image_rows: torch.Tensor, text_rows: torc
 
 
 @torch.no_grad()
+def itc_scores(model, image_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+    """The ITC scores S [N_images, N_captions] (on the CPU) of the encoded sets: the
+    shortlist's scores, and Multi-SEA's score without the re-rank."""
+    with eval_mode(model):
+        return model.pair_scores(image_feats.float(), text_feats.float()).cpu()
+
+
+@torch.no_grad()
 def rerank_scores(model, image_feats: torch.Tensor, image_states: torch.Tensor, text_feats: torch.Tensor,
                   text_states: torch.Tensor, text_mask: torch.Tensor, k: int = 64,
                   pair_batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
@@ -41,10 +49,8 @@ def rerank_scores(model, image_feats: torch.Tensor, image_states: torch.Tensor, 
 
     image_feats [N_I, D], image_states [N_I, R, D], text_feats [N_T, D],
     text_states [N_T, L, D], text_mask [N_T, L]: the encoded sets (any device)."""
-    was_training = model.training
-    model.eval()
-    try:
-        coarse = model.pair_scores(image_feats.float(), text_feats.float()).cpu()  # S [N_I, N_T]
+    with eval_mode(model):
+        coarse = itc_scores(model, image_feats, text_feats)  # S [N_I, N_T]
         n_images, n_captions = coarse.shape
 
         k_captions = min(k, n_captions)
@@ -62,8 +68,6 @@ def rerank_scores(model, image_feats: torch.Tensor, image_states: torch.Tensor, 
         t2i = torch.full_like(coarse, OUTSIDE_TOP_K)
         t2i[image_rows, text_rows] = coarse[image_rows, text_rows] + _itm_scores(
             model, "t2i", image_rows, text_rows, image_states, text_states, text_mask, pair_batch_size)
-    finally:
-        model.train(was_training)
     return i2t, t2i
 
 
@@ -90,26 +94,25 @@ def encode_caption_set(model, loader, device) -> tuple[torch.Tensor, torch.Tenso
 
 
 def evaluate(model, image_loader, caption_loader, caption_to_image, device, k: int = 64,
-             pair_batch_size: int = 128, n_folds: int | None = None
+             pair_batch_size: int = 128, n_folds: int | None = None, keep: dict | None = None
              ) -> tuple[dict, tuple[torch.Tensor, torch.Tensor]]:
     """Encode once, ITC shortlist, ITM re-rank, recall protocol.
     Returns (metrics, (i2t, t2i) score matrices). With ``n_folds`` the metrics also hold
     ``folds_*``: the mean over consecutive folds of the images (MSCOCO 1K), each fold
-    shortlisted and re-ranked within itself; left out when the images do not divide."""
-    was_training = model.training
-    model.eval()
-    try:
+    shortlisted and re-ranked within itself; left out when the images do not divide.
+    ``keep`` (a dict) receives the ITC matrix as ``keep["itc"]``."""
+    with eval_mode(model):
         image_feats, image_states = encode_images(model, image_loader, device)  # [N_I, D], [N_I, R, D]
         text_feats, text_states, text_mask = encode_caption_set(model, caption_loader, device)
         i2t, t2i = rerank_scores(model, image_feats, image_states, text_feats, text_states, text_mask,
                                  k=k, pair_batch_size=pair_batch_size)
         metrics = rerank_recall(i2t, t2i, caption_to_image)
+        if keep is not None:
+            keep["itc"] = itc_scores(model, image_feats, text_feats)
         if n_folds:  # each fold shortlisted and re-ranked within itself
             metrics.update(fold_metrics(
                 lambda rows, columns, fold_to_image: rerank_recall(*rerank_scores(
                     model, image_feats[rows], image_states[rows], text_feats[columns], text_states[columns],
                     text_mask[columns], k=k, pair_batch_size=pair_batch_size), fold_to_image),
                 n_folds, len(image_feats), caption_to_image, len(text_feats)))
-    finally:
-        model.train(was_training)
     return metrics, (i2t, t2i)
