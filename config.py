@@ -11,13 +11,48 @@ and its recipe live next to the model (``hat/models/<name>/plugin.py``) and exis
 when that model is selected: ``print_config with multisea`` shows no HAT key, and a HAT
 key given with ``with multisea`` is refused. Anything given on the command line wins.
 """
+import glob
+import importlib.metadata
+import os
+import subprocess
+
 from sacred import Experiment
+from sacred.host_info import host_info_gatherer
 
 import hat.models  # noqa: F401  (registers the built-in models)
 from hat.defaults import demo_defaults, runner_defaults
 from hat.plugins import on_register
 
-ex = Experiment("HAT", save_git_info=False)
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+@host_info_gatherer("git")
+def git_state():
+    """The checkout's commit and whether it has uncommitted changes (None outside git)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        if commit.returncode != 0:
+            return None
+        return {"commit": commit.stdout.strip(), "dirty": bool(git("status", "--porcelain", "--untracked-files=no")
+                                                              .stdout.strip())}
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+# the commit (run.json host.git) comes from one git call per run: Sacred's own git
+# recording would ask git about every source file at start-up
+ex = Experiment("HAT", save_git_info=False, additional_host_info=[git_state])
+for _path in ["run.py", *sorted(glob.glob("hat/**/*.py", root_dir=ROOT, recursive=True)),
+              *sorted(glob.glob("datamodules/**/*.py", root_dir=ROOT, recursive=True))]:
+    ex.add_source_file(os.path.join(ROOT, _path))  # the project's code, stored with every run
+for _package in ("torch", "torchvision", "timm", "transformers", "pyarrow", "numpy", "sacred", "pillow"):
+    try:
+        ex.add_package_dependency(_package, importlib.metadata.version(_package))
+    except importlib.metadata.PackageNotFoundError:
+        pass
 ex.config(runner_defaults)
 
 _SCOPES = set()

@@ -12,6 +12,7 @@ This file is the wiring: configuration in, Sacred records out.
 """
 from __future__ import annotations
 
+import difflib
 import os
 import random
 import sys
@@ -21,8 +22,9 @@ import torch
 from sacred import SETTINGS
 from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError, SacredInterrupt, apply_backspaces_and_linefeeds
+from transformers.utils import logging as hf_logging
 
-from config import ex
+from config import NAMED_CONFIGS, ex
 from datamodules import DataError, open_split
 from datamodules.arrow import split_paths
 from datamodules.datasets import SplitCaptions, SplitImages, caption_loader, image_loader, train_loader
@@ -31,7 +33,8 @@ from datamodules.prepare import prepare_dataset
 from datamodules.transforms import build_transform
 from hat import checks
 from hat.backbones import BackboneError, load_tokenizer
-from hat.checkpoint import CheckpointError
+from hat.checkpoint import CheckpointError, load_model_weights, recorded_config
+from hat.defaults import default_config
 from hat.distributed import broadcast_from_main, init_distributed, is_main_process, world
 from hat.evaluation import METRIC_KEYS, EvalData, NonFiniteScores, format_table
 from hat.loop import LoopSettings, StopRequested, StopSignals, TrainingFailed, fit
@@ -39,6 +42,7 @@ from hat.plugins import ConfigProblem, EvalOptions, get_plugin, model_names
 from hat.run_folders import checkpoint_folder, resume_checkpoint
 
 ex.captured_out_filter = apply_backspaces_and_linefeeds
+hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars: noise in cout.txt
 SETTINGS.CAPTURE_MODE = "sys"  # tqdm and print both land in cout.txt
 
 
@@ -61,25 +65,90 @@ class TrainingInterrupted(SacredInterrupt, SacredError):
 UsageError.__module__ = TrainingInterrupted.__module__ = "builtins"  # printed as "UsageError: ..."
 
 
+COMMAND_LINE = {}  # the options of this command line (-F, -u, with ...), seen by the option hook
+NOTES = []  # what the configuration hook has to tell the run (printed into its output)
+
+
+@ex.option_hook
+def remember_options(options):
+    """Keep the command line's options; refuse an unknown key in one line, naming the
+    closest valid one."""
+    COMMAND_LINE.clear()
+    COMMAND_LINE.update(options or {})
+    problem = unknown_key(COMMAND_LINE.get("UPDATE") or [])
+    if problem:
+        print(f"ConfigError: {problem}", file=sys.stderr)
+        sys.exit(2)
+
+
+def unknown_key(updates: list[str]) -> str | None:
+    """A one-line message for the first ``with`` key that the selected model's
+    configuration does not have (None: every key is known)."""
+    selected = {"model": "hat", "dataset": "f30k"}
+    for update in updates:  # named configs and key=value, in order: the last one wins
+        values = NAMED_CONFIGS.get(update, {}) if "=" not in update else dict([update.split("=", 1)])
+        selected.update({k: v.strip("'\"") for k, v in values.items() if k in selected and isinstance(v, str)})
+    if selected["model"] not in model_names():
+        return None  # validate_config names the valid models
+    known = set(default_config(selected["model"], selected["dataset"]))
+    for update in updates:
+        key = update.split("=", 1)[0].split(".", 1)[0] if "=" in update else None
+        if key is None or key in known:
+            continue
+        owners = [name for name in model_names() if name != selected["model"] and key in default_config(name)]
+        if owners:
+            return f"{key} is a key of model={owners[0]}, not of model={selected['model']}; leave it out"
+        close = difflib.get_close_matches(key, sorted(known), n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        return f"unknown config key {key}; {hint}(python run.py print_config lists the keys)"
+    return None
+
+
 @ex.config_hook
 def check_and_observe(config, command_name, logger):
-    """Resolve precision=auto, check the configuration before any work, and record every
-    run under ``observer_dir`` (a FileStorageObserver, unless one is given with -F)."""
+    """test_only: take the checkpoint's recorded configuration; resolve precision=auto;
+    check the configuration before any work; record every run under ``observer_dir`` (a
+    FileStorageObserver, unless -F names one)."""
     for observer in [o for o in ex.observers if getattr(o, "_hat_default", False)]:
         ex.observers.remove(observer)
+    updates = {}
+    NOTES.clear()
     if command_name == "main":
         try:
+            updates = recorded_updates(config)
+            config = {**config, **updates}
             validate_config(config)
-        except UsageError as error:  # before any work: one line, exit status 2
+        except (UsageError, ConfigProblem) as error:  # before any work: one line, exit status 2
             print(f"ConfigError: {error}", file=sys.stderr)
             sys.exit(2)
-        has_file_observer = any(isinstance(o, FileStorageObserver) for o in ex.observers)
-        if config["observer_dir"] and not has_file_observer and is_main_process():
+        file_observer = any(isinstance(o, FileStorageObserver) for o in ex.observers) or COMMAND_LINE.get(
+            "--file_storage")
+        if config["observer_dir"] and not file_observer and is_main_process():
             observer = FileStorageObserver(config["observer_dir"])
             observer._hat_default = True
             ex.observers.append(observer)
-    # what the run records is what runs: precision=auto becomes fp16/bf16/fp32
-    return {"precision": checks.resolve_precision(config)} if config["model"] in model_names() else {}
+    if config["model"] in model_names():  # what the run records is what runs: auto becomes fp16/bf16/fp32
+        updates["precision"] = checks.resolve_precision(config)
+    return updates
+
+
+def recorded_updates(config) -> dict:
+    """test_only with a project checkpoint: the configuration it records, for the keys
+    not given on the command line (hat.checks.checkpoint_config_updates)."""
+    if not (config["test_only"] and config["checkpoint"] and os.path.isfile(str(config["checkpoint"]))):
+        return {}
+    recorded = recorded_config(config["checkpoint"])
+    if not recorded or config["model"] not in model_names():
+        return {}
+    # given: keys on the command line, and keys (named configs, in-process updates) that
+    # differ from the defaults of this model and dataset
+    given = {update.split("=", 1)[0] for update in COMMAND_LINE.get("UPDATE") or [] if "=" in update}
+    defaults = default_config(config["model"], config["dataset"], demo_recipe=config["demo_recipe"])
+    given |= {key for key, value in config.items() if key not in defaults or defaults[key] != value}
+    given |= {"model"} if config["model"] != "hat" else set()
+    updates, notes = checks.checkpoint_config_updates(config, recorded, given)
+    NOTES[:] = notes
+    return updates
 
 
 def validate_config(config) -> None:
@@ -92,6 +161,8 @@ def validate_config(config) -> None:
 
 @ex.main
 def main(_config, _run):
+    for note in NOTES:
+        print(note, flush=True)
     with StopSignals() as signals:
         try:
             return train_and_test(_config, _run, signals)
@@ -145,6 +216,10 @@ def train_and_test(c, _run, signals) -> dict:
             precision=checks.resolve_precision(c), clip_norm=c["clip_norm"], select_metric=c["select_metric"],
             checkpoint_every_steps=c["checkpoint_every_steps"], log_every_steps=c["log_every_steps"],
             progress=c["progress"])
+        if c["checkpoint"]:  # fine-tuning: start from these weights (resume_from continues a run instead)
+            loaded = load_model_weights(model, c["checkpoint"])
+            _run.info["initialized_from"] = {"checkpoint": os.path.abspath(c["checkpoint"]), **loaded}
+            print(f"initialised the model from checkpoint={c['checkpoint']} ({loaded['format']})", flush=True)
         val_data = split_data("val")
         checkpoints = [fit(plugin, model, train_data, loader, device, settings, out_dir, signals,
                            lambda: plugin.evaluate(model, val_data, device, EvalOptions(split="val")),

@@ -116,6 +116,19 @@ def atomic_save(state, path: str) -> str:
     return path
 
 
+def recorded_config(path: str) -> dict | None:
+    """The configuration a project checkpoint records, read without loading its tensors
+    (memory-mapped); None for a released file, or a file that cannot be read this way
+    (loading it later says what is wrong)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+    except Exception:
+        return None
+    if isinstance(state, dict) and state.get("format") == FORMAT:
+        return dict(state.get("config") or {})
+    return None
+
+
 def load_checkpoint(path: str, map_location="cpu") -> dict:
     """Read a project checkpoint (no code is executed while unpickling)."""
     state = read_checkpoint_file(path, map_location)

@@ -154,3 +154,39 @@ def resolve_precision(config) -> str:
         return config["precision"]
     cuda = config["device"].startswith("cuda") or (config["device"] == "auto" and torch.cuda.is_available())
     return getattr(get_plugin(config["model"]), "cuda_precision", "fp32") if cuda else "fp32"
+
+
+# keys that say where a run went or how it was watched, never what a checkpoint is
+RUN_KEYS = ("test_only", "checkpoint", "data_root", "raw_root", "skip_missing_images", "observer_dir",
+            "checkpoint_dir", "resume", "resume_from", "device", "progress", "num_workers", "seed")
+
+
+def checkpoint_config_updates(config: dict, recorded: dict, given: set) -> tuple[dict, list[str]]:
+    """test_only with a project checkpoint: the keys it records (its architecture,
+    tokenizer and data settings) for every key not ``given`` on the command line.
+
+    A given key that changes the architecture against the recorded value is refused in
+    one line naming both values; one that changes the scoring (a plug-in's
+    ``scoring_keys``: HAT's direction, lambda_softmax) is allowed with a note for the run's
+    output; other given keys (batch sizes, protocol) simply win. Returns (updates, notes)."""
+    path = config["checkpoint"]
+    if recorded.get("model", config["model"]) != config["model"]:
+        if "model" in given:
+            raise ConfigProblem(f"model={config['model']!r} conflicts with checkpoint={path}, a model="
+                                f"{recorded['model']!r} checkpoint; leave model out to evaluate it")
+        raise ConfigProblem(f"checkpoint={path} is a model={recorded['model']!r} checkpoint: add "
+                            f"`with {recorded['model']}` (its other settings are taken from the checkpoint)")
+    plugin = get_plugin(config["model"])
+    updates, notes = {}, []
+    for key, value in recorded.items():
+        if key in RUN_KEYS or key not in config or config[key] == value:
+            continue
+        if key not in given:
+            updates[key] = value
+        elif key in plugin.architecture_keys:
+            raise ConfigProblem(f"{key}={config[key]!r} conflicts with checkpoint={path}, trained with "
+                                f"{key}={value!r}; leave {key} out to evaluate the checkpoint as trained")
+        elif key in plugin.scoring_keys:
+            notes.append(f"note: scoring checkpoint={path} with {key}={config[key]!r}; it was trained with "
+                         f"{key}={value!r}")
+    return updates, notes

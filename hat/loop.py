@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -209,8 +210,8 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
             network = torch.nn.parallel.DistributedDataParallel(model)
         loader.batch_sampler.set_epoch(epoch, progress["step"])
         lr = optimizer.param_groups[0]["lr"]
-        bar = tqdm(loader, desc=f"epoch {epoch}", disable=not settings.progress, mininterval=5,
-                   initial=progress["step"], total=progress["step"] + len(loader))
+        bar = progress_bar(loader, f"epoch {epoch}", progress["step"], progress["step"] + len(loader),
+                           settings.progress)
         for batch in bar:
             try:
                 losses, skipped = optimizer_step(
@@ -274,6 +275,38 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
     signals.deferred = False
     barrier()  # every rank evaluates best.ckpt, written by rank 0
     return best_path
+
+
+def progress_bar(iterable, desc: str, initial: int, total: int, enabled: bool = True):
+    """The epoch's progress: a tqdm bar on a terminal, written to the real stderr so that
+    the run's captured output (cout.txt) stays free of bar redraws; elsewhere (a log file,
+    a pipe) a plain line every 10%."""
+    if enabled and sys.__stderr__ is not None and sys.__stderr__.isatty():
+        return tqdm(iterable, desc=desc, mininterval=5, initial=initial, total=total, file=sys.__stderr__)
+    return PlainProgress(iterable, desc, initial, total, enabled)
+
+
+class PlainProgress:
+    """``for item in PlainProgress(...)`` prints "epoch 0: 30% (47/156), loss=1.234" each
+    time another tenth of ``total`` is done (nothing when not ``enabled``)."""
+
+    def __init__(self, iterable, desc: str, initial: int, total: int, enabled: bool = True):
+        self.iterable, self.desc, self.done, self.total, self.enabled = iterable, desc, initial, total, enabled
+        self.postfix = ""
+
+    def __iter__(self):
+        for item in self.iterable:
+            yield item
+            before, self.done = self.done, self.done + 1
+            if self.enabled and self.done * 10 // max(self.total, 1) > before * 10 // max(self.total, 1):
+                print(f"{self.desc}: {100 * self.done // max(self.total, 1)}% ({self.done}/{self.total})"
+                      f"{', ' + self.postfix if self.postfix else ''}", flush=True)
+
+    def set_postfix(self, refresh=False, **values) -> None:
+        self.postfix = ", ".join(f"{key}={value}" for key, value in values.items())
+
+    def close(self) -> None:
+        pass
 
 
 def rng_state() -> dict:

@@ -109,6 +109,12 @@ class ModelPlugin:
         """What the final test of test_only=True evaluates: [checkpoint] by default."""
         return [self.c["checkpoint"]] if self.c["checkpoint"] else []
 
+    # test_only with a project checkpoint takes its recorded configuration; a command-line
+    # key that differs from it is refused when it is in architecture_keys (the weights
+    # would not fit or mean something else), noted when it is in scoring_keys
+    architecture_keys: tuple = ("text_backbone",)
+    scoring_keys: tuple = ()
+
     # The authors' released checkpoints: a module with ``is_released(state_dict) -> bool``
     # (is a released Lightning file's state_dict this model's?) and
     # ``load_released_state_dict(model, state_dict) -> dict`` (map and load it); the format

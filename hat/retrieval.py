@@ -22,14 +22,9 @@ from datamodules.datasets import caption_loader, image_loader, tokenize
 from datamodules.transforms import build_transform
 from hat.backbones import load_tokenizer
 from hat.checkpoint import FORMAT, CheckpointError, load_model_weights, read_checkpoint_file
+from hat.checks import RUN_KEYS
 from hat.defaults import default_config
 from hat.plugins import get_plugin, model_names, plugins
-
-# keys of a recorded configuration that say where a run went or how it was watched,
-# never what the model is (a loaded model ignores them)
-RUN_KEYS = ("test_only", "checkpoint", "data_root", "raw_root", "observer_dir", "checkpoint_dir", "resume",
-            "resume_from", "device", "progress", "num_workers")
-
 
 class _Images(Dataset):
     def __init__(self, images, transform):

@@ -74,6 +74,9 @@ class HATPlugin(ModelPlugin):
     title = "HAT"
     config = staticmethod(hat_config)
     cuda_precision = "fp16"  # precision=auto on CUDA
+    architecture_keys = ("image_backbone", "swin_embed_dim", "swin_depths", "swin_num_heads", "swin_window_size",
+                         "image_backbone_kwargs", "text_backbone", "level_pairs", "embed_dim")
+    scoring_keys = ("direction", "lambda_softmax")
     released_module = "hat.models.hat.released"  # is_released / load_released_state_dict
     released_format = "released-hat"
     released_keys = "vit_model.*"

@@ -84,6 +84,10 @@ class MultiSEAPlugin(ModelPlugin):
     title = "Multi-SEA"
     config = staticmethod(multisea_config)
     cuda_precision = "fp32"  # the recipe trains in fp32 (TF32 matmuls); bf16/fp16 on request
+    architecture_keys = ("image_backbone", "image_backbone_kwargs", "text_backbone", "vision_depth", "embed_dim",
+                         "fusion_layers", "fusion_heads", "fusion_mlp_ratio", "num_agents", "activation",
+                         "itm_layers", "queue_size")
+    scoring_keys = ("top_k",)
     training_unit = "images"
     generator = None  # torch.Generator of the hard-negative draws (None: the global one)
     released_module = "hat.models.multisea.released"  # is_released / load_released_state_dict

@@ -1,0 +1,192 @@
+"""Checks of a run's configuration before any work starts. Every problem is one
+`ConfigProblem` line naming the key, its value and the fix; the model's own keys are
+checked by its plug-in (`ModelPlugin.validate`)."""
+from __future__ import annotations
+
+import os
+import tempfile
+
+import torch
+
+from datamodules import DataError, check_data_root
+from datamodules.arrow import SPLIT_FILES, fewest_captions
+from datamodules.demo import CAPTIONS_PER_IMAGE as DEMO_CAPTIONS
+from datamodules.transforms import TRANSFORM_NAMES
+from hat.backbones import text_limits
+from hat.checkpoint import describe_error
+from hat.distributed import world
+from hat.evaluation import METRIC_KEYS
+from hat.plugins import ConfigProblem, get_plugin, model_names
+
+PRECISIONS = ["fp16", "bf16", "fp32"]
+
+
+def validate_config(config) -> None:
+    """Check ``config`` (a plain dict of the run's configuration); raises ConfigProblem."""
+    def fail(key, allowed):
+        raise ConfigProblem(f"{key}={config[key]!r} is not valid; allowed: {allowed}")
+
+    choices = {"model": model_names(), "dataset": sorted(SPLIT_FILES), "image_transform": list(TRANSFORM_NAMES)}
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            fail(key, allowed)
+    if config["precision"] not in PRECISIONS + ["auto"]:
+        fail("precision", f"{PRECISIONS} or 'auto' (the model's choice on CUDA, fp32 on the CPU)")
+    if not config["select_metric"] or any(k not in METRIC_KEYS for k in config["select_metric"]):
+        fail("select_metric", f"a list of {list(METRIC_KEYS)}")
+    for key in ("per_gpu_batchsize", "max_epoch", "max_text_len", "eval_batch_size", "embed_dim"):
+        if key in config and (not isinstance(config[key], int) or config[key] < 1):
+            fail(key, "a positive integer")
+    validate_batch(config, fail)
+    if config["captions_per_image"] is not None and (not isinstance(config["captions_per_image"], int)
+                                                     or config["captions_per_image"] < 1):
+        fail("captions_per_image", "a positive integer or None")
+    if config["clip_norm"] is not None and (not isinstance(config["clip_norm"], (int, float))
+                                            or not config["clip_norm"] > 0):
+        fail("clip_norm", "None or a number > 0")
+    validate_device(config["device"], fail)
+    plugin = get_plugin(config["model"])(config)
+    plugin.validate(fail)
+    text_tokens = text_limits(config["text_backbone"])[1]
+    if text_tokens and config["max_text_len"] > text_tokens:
+        fail("max_text_len", f"at most {text_tokens}: {config['text_backbone']} has {text_tokens} "
+                             f"token positions")
+    if config["test_only"] and not plugin.test_checkpoints():
+        raise ConfigProblem("test_only=True needs checkpoint=PATH (a .ckpt written by a run, or a released one)")
+    for key in ("checkpoint", "resume_from", "image_weights"):
+        if config.get(key) and os.path.isdir(config[key]):
+            raise ConfigProblem(f"{key}={config[key]} is a directory; pass the path of a file in it "
+                                f"(e.g. {os.path.join(config[key], 'best.ckpt')})")
+        if config.get(key) and not os.path.isfile(config[key]):
+            raise ConfigProblem(f"{key}={config[key]} does not exist; pass the path of an existing file")
+    if config["eval_folds"] is not None and (not isinstance(config["eval_folds"], int)
+                                             or config["eval_folds"] < 1):
+        fail("eval_folds", "None or a positive integer (5: the MSCOCO 1K protocol)")
+    splits = ("test",) if config["test_only"] else ("train", "val", "test")
+    if config["dataset"] != "demo":
+        try:
+            check_data_root(config["data_root"], config["dataset"], splits)
+        except DataError as error:
+            raise ConfigProblem(str(error)) from None
+    validate_caption_count(config, splits[1:] if len(splits) > 1 else splits)
+    for key in ["observer_dir"] + ([] if config["test_only"] else ["checkpoint_dir"]):
+        if config[key]:
+            check_writable(key, config[key])
+
+
+def validate_batch(config, fail) -> None:
+    """batch_size is the global batch of one optimizer step: a multiple of the micro-batch
+    (per_gpu_batchsize) times the processes; the losses take their negatives from the
+    batch, so it needs at least 2 pairs."""
+    world_size = world()[1]
+    micro, batch = config["per_gpu_batchsize"], config["batch_size"]
+    at_least_two = ("a batch of at least 2 pairs over all processes (the loss takes its negatives from the "
+                    "batch: with one pair it is 0 on every step)")
+    if batch is not None and not isinstance(batch, int):
+        fail("batch_size", "None or a positive integer")
+    if not config["test_only"]:
+        if batch is not None and batch < 2:
+            fail("batch_size", at_least_two)
+        if micro * world_size < 2:
+            fail("per_gpu_batchsize", at_least_two)
+    if batch is not None and (batch < 1 or batch % (micro * world_size)):
+        fail("batch_size", f"None or a positive multiple of per_gpu_batchsize x world size ({micro} x "
+                           f"{world_size} = {micro * world_size}): one optimizer step accumulates "
+                           f"batch_size / {micro * world_size} micro-batches")
+
+
+def validate_device(name, fail) -> None:
+    """``device`` names a device this machine has."""
+    try:
+        device = torch.device(name) if name != "auto" else None
+    except (RuntimeError, TypeError):
+        fail("device", "auto, cpu, cuda or cuda:N")
+    if device is None or device.type == "cpu":
+        return
+    if device.type != "cuda":
+        fail("device", "auto, cpu, cuda or cuda:N")
+    if not torch.cuda.is_available():
+        raise ConfigProblem(f"device={name}: this machine has no usable CUDA device "
+                            f"(torch.cuda.is_available() is False); use device=cpu or device=auto")
+    if device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigProblem(f"device={name}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                            f"cuda:0..cuda:{torch.cuda.device_count() - 1}; pick one of those or device=auto")
+
+
+def validate_caption_count(config, splits) -> None:
+    """captions_per_image against the evaluated splits' fewest captions per image."""
+    wanted = config["captions_per_image"]
+    if wanted is None:
+        return
+    if config["dataset"] == "demo":
+        fewest = [(DEMO_CAPTIONS, "every demo image")]
+    else:
+        try:
+            found = [fewest_captions(config["data_root"], config["dataset"], split) for split in splits]
+        except DataError:  # an unreadable file: its own one-line error comes when it is opened
+            return
+        fewest = [(count, f"image {image_id} in {path}") for count, image_id, path in filter(None, found)]
+    for count, where in fewest:
+        if count < wanted:
+            raise ConfigProblem(f"captions_per_image={wanted} is not valid: {where} has {count} caption(s); "
+                                f"set captions_per_image={count} or None (every caption)")
+
+
+def check_writable(key: str, folder: str) -> None:
+    """``folder`` (or the nearest existing folder above it) accepts new files."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    try:
+        if not os.path.isdir(existing):
+            raise NotADirectoryError(f"{existing} is a file")
+        handle, probe = tempfile.mkstemp(prefix=".write-test-", dir=existing)
+        os.close(handle)
+        os.remove(probe)
+    except OSError as error:
+        raise ConfigProblem(f"{key}={folder} is not writable ({describe_error(error, 120)}); "
+                            f"pass a folder you can write to") from None
+
+
+def resolve_precision(config) -> str:
+    """precision=auto: the model's choice on CUDA (HAT fp16, Multi-SEA fp32), fp32 on the CPU."""
+    if config["precision"] != "auto":
+        return config["precision"]
+    cuda = config["device"].startswith("cuda") or (config["device"] == "auto" and torch.cuda.is_available())
+    return getattr(get_plugin(config["model"]), "cuda_precision", "fp32") if cuda else "fp32"
+
+
+# keys that say where a run went or how it was watched, never what a checkpoint is
+RUN_KEYS = ("test_only", "checkpoint", "data_root", "raw_root", "skip_missing_images", "observer_dir",
+            "checkpoint_dir", "resume", "resume_from", "device", "progress", "num_workers", "seed")
+
+
+def checkpoint_config_updates(config: dict, recorded: dict, given: set) -> tuple[dict, list[str]]:
+    """test_only with a project checkpoint: the keys it records (its architecture,
+    tokenizer and data settings) for every key not ``given`` on the command line.
+
+    A given key that changes the architecture against the recorded value is refused in
+    one line naming both values; one that changes the scoring (a plug-in's
+    ``scoring_keys``: HAT's direction, lambda_softmax) is allowed with a note for the run's
+    output; other given keys (batch sizes, protocol) simply win. Returns (updates, notes)."""
+    path = config["checkpoint"]
+    if recorded.get("model", config["model"]) != config["model"]:
+        if "model" in given:
+            raise ConfigProblem(f"model={config['model']!r} conflicts with checkpoint={path}, a model="
+                                f"{recorded['model']!r} checkpoint; leave model out to evaluate it")
+        raise ConfigProblem(f"checkpoint={path} is a model={recorded['model']!r} checkpoint: add "
+                            f"`with {recorded['model']}` (its other settings are taken from the checkpoint)")
+    plugin = get_plugin(config["model"])
+    updates, notes = {}, []
+    for key, value in recorded.items():
+        if key in RUN_KEYS or key not in config or config[key] == value:
+            continue
+        if key not in given:
+            updates[key] = value
+        elif key in plugin.architecture_keys:
+            raise ConfigProblem(f"{key}={config[key]!r} conflicts with checkpoint={path}, trained with "
+                                f"{key}={value!r}; leave {key} out to evaluate the checkpoint as trained")
+        elif key in plugin.scoring_keys:
+            notes.append(f"note: scoring checkpoint={path} with {key}={config[key]!r}; it was trained with "
+                         f"{key}={value!r}")
+    return updates, notes

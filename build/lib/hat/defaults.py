@@ -1,0 +1,72 @@
+"""The runner's configuration keys and their defaults, shared by every model, as Sacred
+config functions (config.py adds them to the experiment; each model's own keys come from
+its plug-in's config function), and `default_config`: the same defaults without a run."""
+from __future__ import annotations
+
+from sacred.config.config_scope import ConfigScope
+from sacred.config.utils import chain_evaluate_config_scopes
+
+
+def runner_defaults():
+    model = "hat"  # a registered model: hat | multisea (with multisea)
+    dataset = "f30k"  # f30k | coco | demo (with flickr, with coco_config, with demo)
+    demo_recipe = dataset == "demo"  # the demo's small models (with demo); also on other data
+    exp_name = f"{model}_{dataset}"  # name of the experiment (checkpoint folder when no observer)
+    seed = 0  # seeds python, numpy and torch
+
+    data_root = None  # folder holding the ViLT-format arrow files (README, "Data")
+    raw_root = None  # prepare_data: folder with the images and dataset_{flickr30k,coco}.json
+    skip_missing_images = False  # prepare_data: leave out images whose file is absent
+    image_size = 224  # input resolution
+    image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only; clip: CLIP resize+crop+norm
+    text_backbone = "bert-base-uncased"  # HF hub name, local folder, or packaged-minilm (also the tokenizer)
+    max_text_len = 32  # tokens including [CLS] and [SEP]
+    captions_per_image = 5  # test protocol: first 5 captions per image; None keeps every caption
+    num_workers = 8  # data loader processes
+    demo_train_images = 2000  # dataset=demo only: training images generated
+    demo_eval_images = 200  # dataset=demo only: val and test images generated (each)
+
+    per_gpu_batchsize = 32  # micro-batch each process runs
+    batch_size = None  # global batch of one optimizer step; None: per_gpu_batchsize x processes
+    max_epoch = 10  # training epochs
+    clip_norm = None  # clip the gradient norm to this (None: no clipping)
+    precision = "auto"  # auto (the model's choice on CUDA, fp32 on CPU) | fp16 | bf16 | fp32
+    device = "auto"  # auto | cpu | cuda | cuda:N
+    select_metric = ["rsum"]  # best checkpoint = highest sum of these val metrics
+
+    eval_batch_size = 128  # images / captions per encoding batch
+    eval_folds = None  # test: also the mean over this many consecutive folds (folds_*; MSCOCO 1K: 5)
+    test_only = False  # evaluate checkpoint on the test split, no training
+    checkpoint = None  # test_only: a project checkpoint or a released one to evaluate
+    observer_dir = "runs"  # Sacred FileStorageObserver directory; None records nothing
+    checkpoint_dir = None  # where checkpoints go; None: the run's observer directory
+    checkpoint_every_steps = 1000  # also write last.ckpt every N training steps (0: epoch ends only)
+    resume = False  # continue the latest run of this configuration
+    resume_from = None  # continue from this last.ckpt (exactly where it stopped)
+    progress = True  # progress bars
+    log_every_steps = 0  # also log train.step_loss every N steps (0: per-epoch metrics only)
+
+
+def demo_defaults(demo_recipe):
+    if demo_recipe:
+        # The embedded demo: synthetic shapes at 64 px and the packaged MiniLM BERT, with
+        # each model's tiny recipe (see its plug-in). Runs on a laptop CPU in minutes with
+        # no download: the data are generated on first use into ~/.cache/hat-toolkit (or
+        # $HAT_CACHE), unless data_root names a folder.
+        image_size = 64
+        num_workers = 0
+        text_backbone = "packaged-minilm"
+        max_text_len = 32
+
+
+def default_config(model: str = "hat", dataset: str = "f30k", **updates) -> dict:
+    """The configuration a run of ``model`` on ``dataset`` starts from (the runner's
+    defaults, the model's recipe, the demo's small models when ``dataset="demo"``), with
+    ``updates`` applied like command-line keys. Plain dict; no Sacred run is created."""
+    from hat.plugins import get_plugin
+
+    plugin = get_plugin(model)
+    scopes = [ConfigScope(runner_defaults)] + ([ConfigScope(plugin.config)] if plugin.config else []) + [
+        ConfigScope(demo_defaults)]
+    config, _ = chain_evaluate_config_scopes(scopes, fixed={"model": model, "dataset": dataset, **updates})
+    return dict(config)

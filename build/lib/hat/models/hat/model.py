@@ -1,0 +1,117 @@
+"""HAT: hierarchical alignment of Swin stages and BERT layers."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from hat.models.hat.alignment import scan_similarity
+
+
+def _projection(in_features: int, out_features: int) -> nn.Linear:
+    layer = nn.Linear(in_features, out_features)
+    nn.init.normal_(layer.weight, mean=0.0, std=0.02)
+    nn.init.zeros_(layer.bias)
+    return layer
+
+
+def summed_scores(image_features, caption_features, caption_lengths, direction: str = "i2t",
+                  lambda_softmax: float = 9.0, image_tile=None, caption_tile=None) -> torch.Tensor:
+    """HAT's score of encoded images and captions: the SCAN similarities of the levels
+    (per level [N_images, R, D] and [N_captions, L, D]) added up -> [N_images, N_captions]."""
+    total = None
+    for images, captions in zip(image_features, caption_features):
+        level = scan_similarity(images, captions, caption_lengths, direction=direction,
+                                lambda_softmax=lambda_softmax, image_tile=image_tile, caption_tile=caption_tile)
+        total = level if total is None else total + level
+    return total
+
+
+class HAT(nn.Module):
+    """Two-stream encoder scored by SCAN cross attention at several levels.
+
+    Level k pairs image stage ``image_encoder.stages[k]`` with text layer
+    ``text_encoder.layers[k]``; each side gets its own linear projection to
+    ``embed_dim`` (no activation, no normalisation). A pair's score is the unweighted
+    sum of the level scores.
+    """
+
+    def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 768,
+                 lambda_softmax: float = 9.0, direction: str = "i2t"):
+        super().__init__()
+        if len(image_encoder.channels) != len(text_encoder.layers):
+            raise ValueError("image stages and text layers must pair up one to one")
+        self.image_encoder = image_encoder
+        self.text_encoder = text_encoder
+        self.image_proj = nn.ModuleList(_projection(c, embed_dim) for c in image_encoder.channels)
+        self.text_proj = nn.ModuleList(
+            _projection(text_encoder.width, embed_dim) for _ in text_encoder.layers
+        )
+        self.lambda_softmax = float(lambda_softmax)
+        self.direction = direction
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.image_proj)
+
+    def encode_images(self, images: torch.Tensor) -> list[torch.Tensor]:
+        """images [B, 3, H, W] -> per level [B, R_level, embed_dim]."""
+        stages = self.image_encoder(images)
+        return [proj(stage) for proj, stage in zip(self.image_proj, stages)]
+
+    def encode_captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """input_ids, attention_mask [B, L] -> per level [B, L, embed_dim]."""
+        layers = self.text_encoder(input_ids, attention_mask)
+        return [proj(layer) for proj, layer in zip(self.text_proj, layers)]
+
+    def score(self, image_features, caption_features, caption_lengths, image_tile=None,
+              caption_tile=None) -> torch.Tensor:
+        """Summed level scores [N_images, N_captions] of encoded images and captions."""
+        return summed_scores(image_features, caption_features, caption_lengths, self.direction,
+                             self.lambda_softmax, image_tile, caption_tile)
+
+    def forward(self, images, input_ids, attention_mask, gather=None) -> torch.Tensor:
+        """Batch score matrix [B_images, B_captions] for training. ``gather(tensor,
+        pad_dim)`` (optional) collects every process's features, so that the batch's
+        negatives are global under DistributedDataParallel."""
+        image_features = self.encode_images(images)
+        caption_features = self.encode_captions(input_ids, attention_mask)
+        lengths = attention_mask.sum(dim=1)
+        if gather is not None:
+            image_features = [gather(f) for f in image_features]
+            caption_features = [gather(f, pad_dim=1) for f in caption_features]
+            lengths = gather(lengths)
+        return self.score(image_features, caption_features, lengths)
+
+    def set_backbones_trainable(self, image: bool, text: bool) -> None:
+        """HAT trains only the projections while the backbones are frozen (they stay in
+        train mode, as in the released code); the BERT pooler is never trained."""
+        self.image_encoder.requires_grad_(image)
+        for stage, norm in enumerate(self.image_encoder.stage_norms, start=1):
+            if stage not in self.image_encoder.stages:  # kept for checkpoints, never used
+                norm.requires_grad_(False)
+        for param in self.text_encoder.encoder_parameters():
+            param.requires_grad_(text)
+
+    def trainable_names(self) -> tuple[str, ...]:
+        return tuple(name for name, param in self.named_parameters() if param.requires_grad)
+
+
+def build_hat(image_backbone: str, text_backbone: str, level_pairs, embed_dim: int = 768,
+              lambda_softmax: float = 9.0, direction: str = "i2t", image_size: int = 224,
+              image_pretrained: bool = True, text_pretrained: bool = True,
+              image_weights: str | None = None, image_backbone_kwargs: dict | None = None,
+              text_dropout: float | None = None) -> HAT:
+    """Factory: ``level_pairs`` is a list of (image stage, text layer), both 1-based.
+
+    With image_pretrained/text_pretrained False nothing is downloaded or read: the
+    architecture is built and the weights are expected from a checkpoint. ``text_dropout``
+    overrides the text backbone's dropout probabilities (None keeps its own)."""
+    from hat.models.hat.encoders import BertLayers, SwinStages
+
+    stages = [int(pair[0]) for pair in level_pairs]
+    layers = [int(pair[1]) for pair in level_pairs]
+    image_encoder = SwinStages(image_backbone, stages, pretrained=image_pretrained,
+                               weights=image_weights if image_pretrained else None,
+                               image_size=image_size, **(image_backbone_kwargs or {}))
+    text_encoder = BertLayers(text_backbone, layers, pretrained=text_pretrained, dropout=text_dropout)
+    return HAT(image_encoder, text_encoder, embed_dim, lambda_softmax, direction)

@@ -1,0 +1,204 @@
+"""Multi-SEA as a plug-in of the toolkit: its recipe (config), model, losses, AdamW groups
+with the warm-up cosine schedule, evaluation (ITC shortlist + ITM re-rank) and released
+checkpoints (see hat/plugins.py for the interface)."""
+from __future__ import annotations
+
+import os
+
+from hat.plugins import ModelPlugin
+
+LOSS_KEYS = ("loss", "loss_itc", "loss_itm")
+
+
+def multisea_config(model, demo_recipe):
+    # Multi-SEA's keys and the published recipe (the authors' released YAML)
+    if model == "multisea":
+        image_backbone = "vit_base_patch16_clip_quickgelu_224.openai"  # timm CLIP ViT-B/16
+        image_pretrained = True  # load timm weights (hub download, or image_weights)
+        image_weights = None  # local timm CLIP ViT checkpoint
+        image_backbone_kwargs = {}  # more timm create_model overrides
+        text_backbone = "roberta-base"
+        text_pretrained = True  # load the text backbone's weights
+        image_transform = "clip"  # Resize(bicubic) + CenterCrop, CLIP mean/std, train and test
+        max_text_len = 40  # every caption padded to 40 tokens
+        embed_dim = 768  # the AFormer width
+        vision_depth = 11  # CLIP ViT blocks kept (of 12)
+        frozen_vision_blocks = 7  # first blocks frozen
+        freeze_vision_stem = True  # patch embedding, class/positional embeddings, ln_pre frozen
+        freeze_text_encoder = False  # True keeps the whole text backbone frozen (the demo's MiniLM)
+        fusion_layers = 4  # AFormer layers
+        fusion_heads = 12  # AFormer heads
+        fusion_mlp_ratio = 4  # Dual-Gate FFN width = ratio x embed_dim
+        fusion_dropout = 0.1  # AFormer dropout
+        num_agents = 40  # agent tokens of the agent cross-attention
+        activation = "hard_swish_clip1"  # Dual-Gate FFN activation (the released checkpoints' variant)
+        queue_size = 1000  # ITC negative queue
+        temp_init = 1.0  # initial ITC temperature tau (learnable, clamped to [0.1, 3.0])
+        itm_layers = [2, 4]  # hierarchical ITM after these AFormer layers
+        top_k = 64  # test: ITM re-ranks each query's top-k ITC candidates
+        batch_size = 500  # one optimizer step per 500 pairs (gradient accumulation)
+        per_gpu_batchsize = 20  # micro-batch per process
+        learning_rate = 1e-5  # AdamW: AFormer, projections, poolers, ITM head
+        encoder_lr = 1e-6  # AdamW group of the two backbones
+        alpha_lr = 1e-4  # AdamW group of the enhancement gate alpha
+        temp_lr = 5e-4  # AdamW group of the temperature tau
+        weight_decay = 0.05  # AdamW, every group
+        adam_betas = [0.9, 0.98]  # AdamW betas
+        warmup_ratio = 0.15  # linear warm-up share of all optimizer steps, then cosine
+        num_cycles = 0.3  # cosine cycles over the rest (ends at 0.345 x peak)
+        clip_norm = 1.0  # gradient-norm clip
+        max_epoch = 200
+        select_metric = ["rsum"]
+        if demo_recipe:  # a tiny random ViT + the packaged MiniLM (frozen): minutes on a CPU
+            image_backbone = "vit_base_patch16_clip_quickgelu_224"  # architecture only
+            image_pretrained = False
+            image_backbone_kwargs = {"patch_size": 8, "embed_dim": 128, "num_heads": 4}
+            image_transform = "clip"  # at 64 px: the CLIP normalisation only
+            vision_depth = 4
+            frozen_vision_blocks = 0  # random weights: the whole ViT trains
+            freeze_vision_stem = False
+            freeze_text_encoder = True  # MiniLM is pretrained: keep it frozen
+            embed_dim = 128
+            fusion_layers = 1
+            fusion_heads = 4
+            fusion_mlp_ratio = 2
+            fusion_dropout = 0.0
+            itm_layers = [1]
+            num_agents = 16
+            queue_size = 64
+            temp_init = 0.3
+            top_k = 16
+            batch_size = 64
+            per_gpu_batchsize = 64
+            learning_rate = 3e-4
+            encoder_lr = 3e-4
+            max_epoch = 10
+
+
+class MultiSEAPlugin(ModelPlugin):
+    """Multi-SEA: one random caption per image per epoch, captions padded to
+    max_text_len, ITC + hierarchical ITM, AdamW over four groups, warm-up + cosine
+    stepped per optimizer step; ITC shortlist + ITM re-rank."""
+
+    name = "multisea"
+    title = "Multi-SEA"
+    config = staticmethod(multisea_config)
+    cuda_precision = "fp32"  # the recipe trains in fp32 (TF32 matmuls); bf16/fp16 on request
+    architecture_keys = ("image_backbone", "image_backbone_kwargs", "text_backbone", "vision_depth", "embed_dim",
+                         "fusion_layers", "fusion_heads", "fusion_mlp_ratio", "num_agents", "activation",
+                         "itm_layers", "queue_size")
+    scoring_keys = ("top_k",)
+    training_unit = "images"
+    generator = None  # torch.Generator of the hard-negative draws (None: the global one)
+    released_module = "hat.models.multisea.released"  # is_released / load_released_state_dict
+    released_format = "released-multisea"
+    released_keys = "visual_encoder.visual.*"
+
+    @property
+    def pad_to(self) -> int:
+        return self.c["max_text_len"]
+
+    def validate(self, fail) -> None:
+        c = self.c
+        if not c["itm_layers"] or any(not 1 <= layer <= c["fusion_layers"] for layer in c["itm_layers"]):
+            fail("itm_layers", f"AFormer layers 1..{c['fusion_layers']} (fusion_layers)")
+        for key in ("top_k", "queue_size", "fusion_layers", "num_agents"):
+            if not isinstance(c[key], int) or c[key] < 1:
+                fail(key, "a positive integer")
+
+    def build(self, pretrained: bool):
+        from hat.models.multisea.model import build_multisea
+
+        c = self.c
+        model = build_multisea(
+            c["image_backbone"], c["text_backbone"], vision_depth=c["vision_depth"],
+            image_size=c["image_size"], image_pretrained=c["image_pretrained"] and pretrained,
+            text_pretrained=c["text_pretrained"] and pretrained, image_weights=c["image_weights"],
+            image_backbone_kwargs=c["image_backbone_kwargs"],
+            frozen_vision_blocks=c["frozen_vision_blocks"], freeze_vision_stem=c["freeze_vision_stem"],
+            embed_dim=c["embed_dim"], num_layers=c["fusion_layers"], num_heads=c["fusion_heads"],
+            mlp_ratio=c["fusion_mlp_ratio"], dropout=c["fusion_dropout"], num_agents=c["num_agents"],
+            activation=c["activation"], queue_size=c["queue_size"], itm_layers=c["itm_layers"],
+            temp_init=c["temp_init"],
+        )
+        if c["freeze_text_encoder"]:
+            model.text_encoder.requires_grad_(False)
+        return model
+
+    @staticmethod
+    def accepts(model) -> bool:
+        from hat.models.multisea.model import MultiSEA
+
+        return isinstance(model, MultiSEA)
+
+    def training_data(self, split, tokenizer, transform):
+        from datamodules.datasets import OneCaptionPerImage
+
+        return OneCaptionPerImage(split, tokenizer, transform, self.c["max_text_len"], self.c["seed"])
+
+    def loss(self, network, model, batch: dict, epoch: int, gather=None) -> dict:
+        """ITC + ITM of a micro-batch; the model writes its queue on the way."""
+        model.clamp_scalars_()
+        hooks = {} if gather is None else {"gather": gather}
+        if self.generator is not None:
+            hooks["generator"] = self.generator
+        out = network(batch["images"], batch["input_ids"], batch["attention_mask"], batch["image_index"],
+                      **hooks)
+        return {key: out[key] for key in LOSS_KEYS}
+
+    def optimizer(self, model):
+        from hat.models.multisea.training import build_optimizer
+
+        c = self.c
+        return build_optimizer(model, lr=c["learning_rate"], encoder_lr=c["encoder_lr"], alpha_lr=c["alpha_lr"],
+                               temp_lr=c["temp_lr"], weight_decay=c["weight_decay"], betas=c["adam_betas"])
+
+    def scheduler(self, optimizer, steps_per_epoch: int):
+        from hat.models.multisea.training import cosine_schedule
+
+        c = self.c
+        return cosine_schedule(optimizer, c["max_epoch"] * steps_per_epoch, c["warmup_ratio"],
+                               c["num_cycles"]), "step"
+
+    def evaluate(self, model, data, device, options) -> dict:
+        """ITC shortlist + ITM re-rank of the model as it is or of one checkpoint; the 1K
+        folds (each fold shortlisted within itself) as ``options.n_folds`` says."""
+        from hat.checkpoint import load_model_weights
+        from hat.models.multisea.rerank import evaluate
+
+        if len(options.checkpoints) > 1:
+            raise ValueError("Multi-SEA evaluates one checkpoint at a time")
+        if options.checkpoints:
+            path = options.checkpoints[0]
+            loaded = load_model_weights(model, path)
+            options.info.update(checkpoint=os.path.abspath(path), checkpoint_format=loaded["format"])
+        metrics, (i2t, t2i) = evaluate(model, data.images, data.captions, data.caption_to_image, device,
+                                       k=self.c["top_k"], n_folds=options.n_folds,
+                                       keep=options.scores if options.keep_scores else None)
+        if options.keep_scores:
+            options.scores.update(i2t=i2t, t2i=t2i)
+        return metrics
+
+    def encode_image_set(self, model, loader, device):
+        """(f_I [N, D], F_I [N, R, D])."""
+        from hat.evaluation import encode_images, eval_mode
+
+        with eval_mode(model):
+            return tuple(encode_images(model, loader, device))
+
+    def encode_caption_set(self, model, loader, device):
+        """(f_T [N, D], F_T [N, L, D], mask [N, L])."""
+        from hat.evaluation import eval_mode
+        from hat.models.multisea.rerank import encode_caption_set
+
+        with eval_mode(model):
+            return encode_caption_set(model, loader, device)
+
+    def score_sets(self, model, image_features, caption_features, rerank: bool = False):
+        """ITC scores; ``rerank``: the text->image matrix re-ranked by ITM (each caption's
+        top_k images), as evaluate ranks it."""
+        from hat.models.multisea.rerank import itc_scores, rerank_scores
+
+        if not rerank:
+            return itc_scores(model, image_features[0], caption_features[0])
+        return rerank_scores(model, *image_features, *caption_features, k=self.c["top_k"])[1]

@@ -1,0 +1,30 @@
+"""The project installs as a package: after `pip install .`, hat and datamodules import
+from any directory, from the installed copy."""
+import os
+import subprocess
+import sys
+import venv
+
+from tests.conftest import ROOT
+
+
+def test_pip_install_makes_hat_importable_anywhere(tmp_path):
+    # a fresh environment that sees this machine's dependencies (torch & co. are large)
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = str(env_dir / "bin" / "python")
+    install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
+                              "--no-build-isolation", "--disable-pip-version-check", ROOT],
+                             capture_output=True, text=True, timeout=600)
+    assert install.returncode == 0, install.stderr[-2000:]
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([python, "-c", "import hat, datamodules; print(hat.__file__); print(datamodules.__file__);"
+                            "print(callable(hat.load_model))"],
+                           cwd=elsewhere, capture_output=True, text=True, timeout=300, env=env)
+    assert probe.returncode == 0, probe.stderr[-2000:]
+    hat_file, datamodules_file, loader = probe.stdout.split()
+    site = str(env_dir)
+    assert hat_file.startswith(site) and datamodules_file.startswith(site)  # the installed copy
+    assert loader == "True"
