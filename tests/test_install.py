@@ -1,6 +1,7 @@
 """The project installs as a package: after `pip install .`, hat and datamodules import
 from any directory, from the installed copy."""
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -11,10 +12,16 @@ from tests.conftest import ROOT
 def test_pip_install_makes_hat_importable_anywhere(tmp_path):
     # a fresh environment that sees this machine's dependencies (torch & co. are large)
     env_dir = tmp_path / "env"
+    (tmp_path / "source").mkdir()
     venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
     python = str(env_dir / "bin" / "python")
+    source = tmp_path / "source"  # a copy: building in place would leave build/ in the checkout
+    for name in ("pyproject.toml", "README.md", "hat", "datamodules"):
+        copy = shutil.copytree if os.path.isdir(os.path.join(ROOT, name)) else shutil.copy
+        copy(os.path.join(ROOT, name), source / name, **({"ignore": shutil.ignore_patterns("__pycache__")}
+                                                         if copy is shutil.copytree else {}))
     install = subprocess.run([sys.executable, "-m", "pip", "--python", python, "install", "--quiet", "--no-deps",
-                              "--no-build-isolation", "--disable-pip-version-check", ROOT],
+                              "--no-build-isolation", "--disable-pip-version-check", str(source)],
                              capture_output=True, text=True, timeout=600)
     assert install.returncode == 0, install.stderr[-2000:]
     elsewhere = tmp_path / "elsewhere"
