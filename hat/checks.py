@@ -45,6 +45,9 @@ def validate_config(config) -> None:
                                             or not config["clip_norm"] > 0):
         fail("clip_norm", "None or a number > 0")
     validate_device(config["device"], fail)
+    if resolve_precision(config) != "fp32" and not on_cuda(config):
+        fail("precision", f"['fp32'] with model={config['model']} on the CPU (fp16/bf16 autocast is for CUDA; "
+                          f"precision=auto runs fp32 here)")
     plugin = get_plugin(config["model"])(config)
     plugin.validate(fail)
     text_tokens = text_limits(config["text_backbone"])[1]
@@ -89,10 +92,13 @@ def validate_batch(config, fail) -> None:
             fail("batch_size", at_least_two)
         if micro * world_size < 2:
             fail("per_gpu_batchsize", at_least_two)
-    if batch is not None and (batch < 1 or batch % (micro * world_size)):
-        fail("batch_size", f"None or a positive multiple of per_gpu_batchsize x world size ({micro} x "
-                           f"{world_size} = {micro * world_size}): one optimizer step accumulates "
-                           f"batch_size / {micro * world_size} micro-batches")
+    if batch is not None and (batch < 1 or batch % world_size):
+        fail("batch_size", f"None or a positive multiple of the world size {world_size} (with "
+                           f"per_gpu_batchsize {micro}: of {micro * world_size})")
+    if batch is not None and batch % (micro * world_size):
+        fail("batch_size", f"a multiple of per_gpu_batchsize x world size ({micro} x {world_size} = "
+                           f"{micro * world_size}): one optimizer step accumulates batch_size / "
+                           f"{micro * world_size} micro-batches")
 
 
 def validate_device(name, fail) -> None:
@@ -148,12 +154,16 @@ def check_writable(key: str, folder: str) -> None:
                             f"pass a folder you can write to") from None
 
 
+def on_cuda(config) -> bool:
+    """Whether the run's device is a CUDA device."""
+    return str(config["device"]).startswith("cuda") or (config["device"] == "auto" and torch.cuda.is_available())
+
+
 def resolve_precision(config) -> str:
     """precision=auto: the model's choice on CUDA (HAT fp16, Multi-SEA fp32), fp32 on the CPU."""
     if config["precision"] != "auto":
         return config["precision"]
-    cuda = config["device"].startswith("cuda") or (config["device"] == "auto" and torch.cuda.is_available())
-    return getattr(get_plugin(config["model"]), "cuda_precision", "fp32") if cuda else "fp32"
+    return getattr(get_plugin(config["model"]), "cuda_precision", "fp32") if on_cuda(config) else "fp32"
 
 
 # keys that say where a run went or how it was watched, never what a checkpoint is

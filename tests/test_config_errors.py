@@ -82,10 +82,8 @@ def test_batch_not_divisible_by_world_size(f30k_root, monkeypatch):
     from run import UsageError, validate_config
 
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(UsageError, match=r"batch_size=58 is not valid; allowed: None or a positive multiple of "
-                                         r"per_gpu_batchsize x world size \(58 x 4 = 232\)"):
+    with pytest.raises(UsageError, match="batch_size=58 is not valid; allowed: None or a positive multiple of the world size 4"):
         validate_config(config_with(f30k_root, batch_size=58))
-    validate_config(config_with(f30k_root, batch_size=464))  # two micro-batches of 58 per process
     validate_config(config_with(f30k_root))  # per_gpu_batchsize x 4 is always divisible
 
 
@@ -163,3 +161,27 @@ def test_folders_that_cannot_be_written_are_refused_before_any_work(f30k_root, t
         locked.mkdir(mode=0o555)
         with pytest.raises(UsageError, match=f"{key}=.*locked is not writable .*PermissionError"):
             validate_config(config_with(f30k_root, **{key: str(locked)}))
+
+
+def test_batch_size_is_the_global_batch_of_accumulated_micro_batches(f30k_root, monkeypatch):
+    from run import UsageError, validate_config
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(UsageError) as error:  # a multiple of 4, not of 58 x 4
+        validate_config(config_with(f30k_root, batch_size=116))
+    assert str(error.value) == ("batch_size=116 is not valid; allowed: a multiple of per_gpu_batchsize x world "
+                                "size (58 x 4 = 232): one optimizer step accumulates batch_size / 232 micro-batches")
+    validate_config(config_with(f30k_root, batch_size=464))  # two micro-batches of 58 per process
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+@pytest.mark.parametrize("named", [(), ("multisea",)])
+def test_mixed_precision_needs_cuda(tmp_path, named):
+    from run import UsageError, validate_config
+
+    model = named[0] if named else "hat"
+    with pytest.raises(UsageError) as error:
+        validate_config(config_with(tmp_path, named=[*named, "demo"], precision="bf16"))
+    assert str(error.value) == (f"precision='bf16' is not valid; allowed: ['fp32'] with model={model} on the "
+                                f"CPU (fp16/bf16 autocast is for CUDA; precision=auto runs fp32 here)")
+    validate_config(config_with(tmp_path, named=[*named, "demo"], precision="fp32"))

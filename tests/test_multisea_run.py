@@ -43,8 +43,8 @@ def test_multisea_demo_is_the_same_in_either_order():
 
 
 @pytest.mark.parametrize("updates, message", [
-    ({"precision": "fp8"}, "precision='fp8' is not valid; allowed: ['fp16', 'bf16', 'fp32']"),
-    ({"batch_size": 30}, "batch_size=30 is not valid; allowed: None or a positive multiple of per_gpu_batchsize"),
+    ({"precision": "fp16"}, "precision='fp16' is not valid; allowed: ['fp32'] with model=multisea"),
+    ({"batch_size": 30}, "batch_size=30 is not valid; allowed: a multiple of per_gpu_batchsize"),
     ({"itm_layers": [5]}, "itm_layers=[5] is not valid; allowed: AFormer layers 1..1 (fusion_layers)"),
     ({"model": "clip"}, "model='clip' is not valid; allowed: ['hat', 'multisea']"),
 ])
