@@ -1,0 +1,76 @@
+"""python -m hat.runs: the run browser over real (tiny) demo runs."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT
+
+TINY = {"demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 2, "per_gpu_batchsize": 16,
+        "eval_batch_size": 16, "progress": False, "swin_depths": [1, 1, 1, 1], "embed_dim": 32}
+
+
+@pytest.fixture(scope="module")
+def observer(tmp_path_factory):
+    """Run 1 trains (COMPLETED); run 2 tests its checkpoint with direction=t2i
+    (COMPLETED); run 3 tests a copy whose weights hold a NaN (FAILED)."""
+    from hat.checkpoint import load_checkpoint
+    from run import UsageError, ex
+
+    tmp = tmp_path_factory.mktemp("browse")
+    common = {"data_root": str(tmp / "data"), "observer_dir": str(tmp / "runs")}
+    trained = ex.run(named_configs=["demo"], config_updates=dict(TINY, **common))
+    best = tmp / "runs" / "1" / "best.ckpt"
+    ex.run(named_configs=["demo"], config_updates=dict(TINY, **common, test_only=True, checkpoint=str(best),
+                                                         direction="t2i"))
+    state = load_checkpoint(str(best))
+    state["model"]["text_proj.0.bias"][0] = float("nan")
+    torch.save(state, tmp / "nan.ckpt")
+    with pytest.raises(UsageError):
+        ex.run(named_configs=["demo"], config_updates=dict(TINY, **common, test_only=True,
+                                                             checkpoint=str(tmp / "nan.ckpt")))
+    return tmp / "runs", trained
+
+
+def browse(*args):
+    proc = subprocess.run([sys.executable, "-m", "hat.runs", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return proc.stdout
+
+
+def test_the_list_shows_each_run_with_status_and_metrics(observer):
+    runs, trained = observer
+    lines = browse("--dir", str(runs)).splitlines()
+    assert lines[0].split()[:4] == ["id", "status", "model", "dataset"]
+    rows = [line.split() for line in lines[1:]]
+    assert [(row[0], row[1], row[2], row[3], row[4]) for row in rows] == [
+        ("1", "COMPLETED", "hat", "demo", "demo"), ("2", "COMPLETED", "hat", "demo", "demo"),
+        ("3", "FAILED", "hat", "demo", "demo")]
+    metrics = json.loads((runs / "1" / "metrics.json").read_text())
+    best = max(a + b for a, b in zip(metrics["val.i2t_r1"]["values"], metrics["val.t2i_r1"]["values"]))
+    assert rows[0][8:10] == [f"{best:.2f}", f"{trained.result['rsum']:.2f}"]  # best val, test rsum
+    assert rows[0][10] == str(runs / "1" / "best.ckpt")
+    assert rows[2][8:10] == ["-", "-"]  # the failed run has no result
+
+
+def test_compare_shows_the_keys_that_differ_and_the_metrics(observer):
+    runs, trained = observer
+    out = browse("--dir", str(runs), "compare", "1", "2")
+    keys = out.split("metrics:")[0]
+    rows = {line.split()[0]: line.split()[1:] for line in keys.splitlines()[2:] if line.strip()}
+    assert rows["direction"] == ['"i2t"', '"t2i"']  # the changed key, run 1's value beside run 2's
+    differing = set(rows)
+    assert {"direction", "test_only", "checkpoint"} <= differing and "embed_dim" not in differing
+    rsum = [line.split() for line in out.split("metrics:")[1].splitlines() if line.startswith("rsum ")][0]
+    assert rsum[1] == f"{trained.result['rsum']:.2f}"
+
+
+def test_a_missing_folder_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "hat.runs", "--dir", str(tmp_path / "nope")], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (f"error: --dir {tmp_path / 'nope'} does not exist; pass the "
+                                                    f"observer_dir of your runs")
