@@ -27,7 +27,8 @@ from transformers.utils import logging as hf_logging
 from config import NAMED_CONFIGS, ex
 from datamodules import DataError, open_split
 from datamodules.arrow import split_paths
-from datamodules.datasets import SplitCaptions, SplitImages, caption_loader, image_loader, train_loader
+from datamodules.datasets import (SplitCaptions, SplitImages, caption_loader, image_loader, pad_id_of,
+                                  train_loader)
 from datamodules.demo import ensure_demo_data
 from datamodules.prepare import prepare_dataset
 from datamodules.transforms import build_transform
@@ -192,7 +193,7 @@ def train_and_test(c, _run, signals) -> dict:
     plugin = get_plugin(c["model"])(c)
     # test_only builds the architecture alone: every weight comes from the checkpoint
     model = plugin.build(pretrained=not c["test_only"]).to(device)
-    pad = {"pad_id": tokenizer.pad_token_id or 0, "pad_to": plugin.pad_to}
+    pad = {"pad_id": pad_id_of(tokenizer), "pad_to": plugin.pad_to}
 
     def split_data(split: str) -> EvalData:
         return eval_data(c, data_root, split, tokenizer, plugin.pad_to)
@@ -251,7 +252,7 @@ def eval_data(c, data_root: str, split: str, tokenizer, pad_to=None) -> EvalData
     transform = build_transform(c["image_transform"], c["image_size"], train=False)
     return EvalData(image_loader(SplitImages(data, transform), c["eval_batch_size"], c["num_workers"]),
                     caption_loader(captions, c["eval_batch_size"], c["num_workers"],
-                                   pad_id=tokenizer.pad_token_id or 0, pad_to=pad_to),
+                                   pad_id=pad_id_of(tokenizer), pad_to=pad_to),
                     captions.caption_to_image, split_paths(data_root, c["dataset"], split))
 
 

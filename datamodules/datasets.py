@@ -23,6 +23,11 @@ def tokenize(tokenizer, text: str, max_text_len: int) -> list[int]:
     return tokenizer(text, truncation=True, max_length=max_text_len)["input_ids"]
 
 
+def pad_id_of(tokenizer) -> int:
+    """The id captions are padded with: the tokenizer's pad token (0 when it has none)."""
+    return tokenizer.pad_token_id or 0
+
+
 def pad_token_ids(sequences: list[list[int]], pad_id: int = 0, pad_to: int | None = None):
     """Pad to the longest sequence, or to ``pad_to`` tokens (Multi-SEA pads every caption
     to max_text_len) -> input_ids, attention_mask [B, L] (long)."""

@@ -56,6 +56,7 @@ def demo_set_name(train_images: int, eval_images: int, image_size: int, seed: in
 
 def default_cache_dir(train_images: int = 2000, eval_images: int = 200, image_size: int = 64,
                       seed: int = 0) -> str:
+    """Where the demo set with these parameters lives when no cache_dir is given."""
     return os.path.join(cache_base(), demo_set_name(train_images, eval_images, image_size, seed))
 
 
@@ -185,7 +186,7 @@ def ensure_demo_data(cache_dir: str | None = None, train_images: int = 2000, eva
               "eval_images": eval_images, "image_size": image_size, "seed": seed}
     name = demo_set_name(train_images, eval_images, image_size, seed)
     if cache_dir is None:
-        folder = os.path.join(cache_base(), name)
+        folder = default_cache_dir(train_images, eval_images, image_size, seed)
     elif _read_meta(cache_dir) in (params, None):
         folder = cache_dir
     else:

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.datasets import caption_loader, image_loader, tokenize
+from datamodules.datasets import caption_loader, image_loader, pad_id_of, tokenize
 from datamodules.transforms import build_transform
 from hat.backbones import load_tokenizer
 from hat.checkpoint import FORMAT, CheckpointError, load_model_weights, read_checkpoint_file
@@ -71,7 +71,7 @@ class Retriever:
     def encode_texts(self, texts):
         """Encode sentences (tokenised and padded as the runner does)."""
         loader = caption_loader(_Texts(texts, self.tokenizer, self.config["max_text_len"]), self.batch_size, 0,
-                                pad_id=self.tokenizer.pad_token_id or 0, pad_to=self.plugin.pad_to)
+                                pad_id=pad_id_of(self.tokenizer), pad_to=self.plugin.pad_to)
         return self.plugin.encode_caption_set(self.model, loader, self.device)
 
     def score(self, image_features, text_features, rerank: bool = False) -> torch.Tensor:
