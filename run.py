@@ -31,13 +31,15 @@ from datamodules.datasets import (SplitCaptions, SplitImages, caption_loader, im
                                   train_loader)
 from datamodules.demo import ensure_demo_data
 from datamodules.prepare import prepare_dataset
-from datamodules.transforms import build_transform
+from datamodules.transforms import build_transform, view_transform
 from hat import checks
 from hat.backbones import BackboneError, load_tokenizer
 from hat.checkpoint import CheckpointError, load_model_weights, recorded_config
+from hat.curves import ScalarLog, plot_curves, tensorboard_folder
 from hat.defaults import default_config
 from hat.distributed import broadcast_from_main, init_distributed, is_main_process, world
 from hat.evaluation import METRIC_KEYS, EvalData, NonFiniteScores, format_table
+from hat.gallery import write_gallery
 from hat.loop import LoopSettings, StopRequested, StopSignals, TrainingFailed, fit
 from hat.plugins import ConfigProblem, EvalOptions, get_plugin, model_names
 from hat.run_folders import checkpoint_folder, resume_checkpoint
@@ -114,9 +116,12 @@ def check_and_observe(config, command_name, logger):
         ex.observers.remove(observer)
     updates = {}
     NOTES.clear()
-    if command_name == "main":
+    if command_name == "gallery":  # an evaluation of checkpoint= that writes the gallery
+        updates = {"test_only": True, "gallery": True}
+        config = {**config, **updates}
+    if command_name in ("main", "gallery"):
         try:
-            updates = recorded_updates(config)
+            updates.update(recorded_updates(config))
             config = {**config, **updates}
             validate_config(config)
         except (UsageError, ConfigProblem) as error:  # before any work: one line, exit status 2
@@ -162,11 +167,24 @@ def validate_config(config) -> None:
 
 @ex.main
 def main(_config, _run):
+    return guarded(_config, _run)
+
+
+@ex.command
+def gallery(_config, _run):
+    """Evaluate checkpoint= on the test split and write gallery.html and retrievals.json
+    (n_queries sample captions and images, chosen with seed) into the run's folder, or
+    gallery_dir: python run.py gallery with checkpoint=CKPT data_root=DATA n_queries=20"""
+    return guarded(_config, _run)
+
+
+def guarded(c, _run) -> dict:
+    """train_and_test with its problems as one-line errors and signals as INTERRUPTED."""
     for note in NOTES:
         print(note, flush=True)
     with StopSignals() as signals:
         try:
-            return train_and_test(_config, _run, signals)
+            return train_and_test(c, _run, signals)
         except (DataError, CheckpointError, BackboneError, ConfigProblem, TrainingFailed) as error:
             raise UsageError(str(error)) from None
         except StopRequested as error:
@@ -198,16 +216,19 @@ def train_and_test(c, _run, signals) -> dict:
     def split_data(split: str) -> EvalData:
         return eval_data(c, data_root, split, tokenizer, plugin.pad_to)
 
+    run_dir = observer_folder(_run)
+    out_dir = None  # the checkpoints' folder of a training run
     if c["test_only"]:
         checkpoints = plugin.test_checkpoints()
+        log = scalar_log(c, _run, run_dir)
     else:
         train_data = plugin.training_data(open_split(data_root, c["dataset"], "train"), tokenizer,
                                           build_transform(c["image_transform"], c["image_size"], train=True))
         loader = train_loader(train_data, c["batch_size"] or c["per_gpu_batchsize"] * world_size,
                               c["num_workers"], c["seed"], rank, world_size, **pad)
-        run_dir = observer_folder(_run)
         out_dir = broadcast_from_main(checkpoint_folder(c, run_dir, _run._id) if is_main_process() else None)
         _run.info["checkpoint"] = os.path.abspath(os.path.join(out_dir, "best.ckpt"))
+        log = scalar_log(c, _run, run_dir or out_dir)
         resume_path = c["resume_from"]
         if c["resume"] and not resume_path:
             resume_path, found = resume_checkpoint(c, exclude=(out_dir, run_dir))
@@ -224,13 +245,20 @@ def train_and_test(c, _run, signals) -> dict:
         val_data = split_data("val")
         checkpoints = [fit(plugin, model, train_data, loader, device, settings, out_dir, signals,
                            lambda: plugin.evaluate(model, val_data, device, EvalOptions(split="val")),
-                           _run.log_scalar, _run.info, c, resume_path)]
+                           log, _run.info, c, resume_path)]
+        if is_main_process():
+            curves = plot_curves(log.series, os.path.join(run_dir or out_dir, "curves.png"),
+                                 f"{c['model']} {c['dataset']} run {_run._id or ''}".strip())
+            print(f"training curves: {curves}", flush=True)
 
     what = checkpoints[0] if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)}"
     print(f"testing {what} on the test split of {c['dataset']}", flush=True)
-    options = EvalOptions(split="test", checkpoints=checkpoints, n_folds=c["eval_folds"])
+    gallery_dir = c["gallery_dir"] or run_dir or out_dir if c["gallery"] and is_main_process() else None
+    options = EvalOptions(split="test", checkpoints=checkpoints, n_folds=c["eval_folds"],
+                          keep_scores=gallery_dir is not None)
+    test_data = split_data("test")
     try:
-        metrics = plugin.evaluate(model, split_data("test"), device, options)
+        metrics = plugin.evaluate(model, test_data, device, options)
     except NonFiniteScores as error:
         raise UsageError(f"test split, checkpoint {what}: {error}; its weights are broken (a run "
                          f"that diverged or a corrupted file): evaluate another checkpoint") from None
@@ -240,8 +268,33 @@ def train_and_test(c, _run, signals) -> dict:
         print(format_table({key: metrics[f"folds_{key}"] for key in METRIC_KEYS},
                            f"mean over {c['eval_folds']} consecutive folds"), flush=True)
     for key, value in metrics.items():
-        _run.log_scalar(f"test.{key}", value, 0)
+        log(f"test.{key}", value, 0)
+    log.close()
+    if gallery_dir is not None and not {"i2t", "t2i"} <= set(options.scores):
+        print(f"gallery: not written (model={c['model']} keeps no score matrices: its evaluate ignores "
+              f"EvalOptions.keep_scores)", flush=True)
+    elif gallery_dir is not None:
+        title = f"{getattr(plugin, 'title', c['model'])} on the test split of {c['dataset']}: {what}"
+        paths = write_gallery(gallery_dir, plugin, model, test_data, options.scores, device, title, metrics,
+                              c["n_queries"], c["seed"], view_transform(c["image_transform"], c["image_size"]))
+        _run.info["gallery"] = paths
+        print(f"gallery: {paths['gallery']} (retrievals: {paths['retrievals']})", flush=True)
+    elif c["gallery"] and is_main_process():
+        print("gallery: not written (this run has no folder: observer_dir=None); pass gallery_dir=DIR", flush=True)
     return metrics
+
+
+def scalar_log(c, _run, folder: str | None) -> ScalarLog:
+    """The run's log_scalar, mirrored into TensorBoard event files (rank 0) when the
+    tensorboard key asks for them."""
+    events = None
+    if c["tensorboard"] and is_main_process():
+        try:
+            events = tensorboard_folder(c["tensorboard"], folder, f"{c['exp_name']}_{_run._id or 'unrecorded'}")
+        except ValueError as error:
+            raise ConfigProblem(str(error)) from None
+        print(f"tensorboard: event files in {events} (tensorboard --logdir {os.path.dirname(events)})", flush=True)
+    return ScalarLog(_run.log_scalar, events)
 
 
 def eval_data(c, data_root: str, split: str, tokenizer, pad_to=None) -> EvalData:

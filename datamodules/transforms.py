@@ -16,14 +16,21 @@ def build_transform(name: str, image_size: int, train: bool):
     name positions, which crops and flips would falsify). ``clip`` (Multi-SEA): bicubic
     resize of the short side to size, CenterCrop, CLIP mean/std; no augmentation, the
     same for training and testing."""
-    normalize = [T.ToTensor(), T.Normalize(IMAGENET_MEAN, IMAGENET_STD)]
+    mean, std = (CLIP_MEAN, CLIP_STD) if name == "clip" else (IMAGENET_MEAN, IMAGENET_STD)
+    tensor = [T.ToTensor(), T.Normalize(mean, std)]
+    if name == "hat" and train:
+        return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *tensor])
+    return T.Compose([*view_transform(name, image_size).transforms, *tensor])
+
+
+def view_transform(name: str, image_size: int) -> T.Compose:
+    """The geometric part of the test-time transform (PIL image -> PIL image): the image
+    as the model sees it at test time, before tensor conversion and normalisation (what
+    the gallery draws attention maps over)."""
     if name == "hat":
-        if train:
-            return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), *normalize])
-        return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), *normalize])
+        return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size)])
     if name == "plain":
-        return T.Compose([T.Resize((image_size, image_size)), *normalize])
+        return T.Compose([T.Resize((image_size, image_size))])
     if name == "clip":
-        return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC),
-                          T.CenterCrop(image_size), T.ToTensor(), T.Normalize(CLIP_MEAN, CLIP_STD)])
+        return T.Compose([T.Resize(image_size, interpolation=T.InterpolationMode.BICUBIC), T.CenterCrop(image_size)])
     raise ValueError(f"image_transform={name!r}; choose one of {TRANSFORM_NAMES}")

@@ -5,13 +5,21 @@ Shared modules (they import no model): `hat.plugins` (what a model provides, the
 registry), `hat.loop` (training), `hat.evaluation` (encoding, scoring protocol, recalls,
 feature cache), `hat.checkpoint` (checkpoint I/O), `hat.distributed`, `hat.backbones`
 (where backbones and tokenizers come from), `hat.run_folders`. Models: `hat.models.hat`,
-`hat.models.multisea`, registered in `hat.models` (imported here, the package's public
-face, and by any import of a model module).
+`hat.models.multisea`, registered in `hat.models` (imported by the registry's first
+lookup, and by any import of a model module).
 
     import hat
     retriever = hat.load_model("runs/3/best.ckpt")   # see hat.retrieval
-"""
-import hat.models  # noqa: F401  (registers the built-in models)
-from hat.retrieval import Retriever, load_model
 
+``import hat`` itself is light (the run browser and the curves need no torch); the
+public names load on first use.
+"""
 __all__ = ["Retriever", "load_model"]
+
+
+def __getattr__(name):
+    if name in __all__:
+        from hat import retrieval
+
+        return getattr(retrieval, name)
+    raise AttributeError(f"module 'hat' has no attribute {name!r}")

@@ -72,7 +72,14 @@ def validate_config(config) -> None:
         except DataError as error:
             raise ConfigProblem(str(error)) from None
     validate_caption_count(config, splits[1:] if len(splits) > 1 else splits)
-    for key in ["observer_dir"] + ([] if config["test_only"] else ["checkpoint_dir"]):
+    if not isinstance(config["n_queries"], int) or isinstance(config["n_queries"], bool) or config["n_queries"] < 0:
+        fail("n_queries", "a non-negative integer (the gallery's sample captions and images)")
+    if not isinstance(config["tensorboard"], (bool, str)):
+        fail("tensorboard", "False, True (the run's folder/tensorboard) or a directory")
+    writable = ["observer_dir"] + ([] if config["test_only"] else ["checkpoint_dir"]) + ["gallery_dir"]
+    if isinstance(config["tensorboard"], str):
+        writable.append("tensorboard")
+    for key in writable:
         if config[key]:
             check_writable(key, config[key])
 
@@ -168,7 +175,8 @@ def resolve_precision(config) -> str:
 
 # keys that say where a run went or how it was watched, never what a checkpoint is
 RUN_KEYS = ("test_only", "checkpoint", "data_root", "raw_root", "skip_missing_images", "observer_dir",
-            "checkpoint_dir", "resume", "resume_from", "device", "progress", "num_workers", "seed")
+            "checkpoint_dir", "resume", "resume_from", "device", "progress", "num_workers", "seed", "gallery",
+            "n_queries", "gallery_dir", "tensorboard")
 
 
 def checkpoint_config_updates(config: dict, recorded: dict, given: set) -> tuple[dict, list[str]]:

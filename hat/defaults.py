@@ -45,6 +45,10 @@ def runner_defaults():
     resume_from = None  # continue from this last.ckpt (exactly where it stopped)
     progress = True  # progress bars
     log_every_steps = 0  # also log train.step_loss every N steps (0: per-epoch metrics only)
+    tensorboard = False  # True (<run folder>/tensorboard) or a directory: TensorBoard event files of the logged scalars
+    gallery = True  # after the test: gallery.html + retrievals.json in the run's folder (hat.gallery)
+    n_queries = 20  # gallery: sample captions and sample images shown (chosen with seed)
+    gallery_dir = None  # gallery: where it is written; None: the run's folder
 
 
 def demo_defaults(demo_recipe):

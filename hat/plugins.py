@@ -25,6 +25,8 @@ Adding a model means writing one subclass of `ModelPlugin`:
 ``encode_image_set`` /    encode images / captions once, and score the encoded sets
 ``encode_caption_set`` /  (what `hat.load_model` uses outside the runner; `evaluate`
 ``score_sets``            ranks the same matrix)
+``gallery_attention``     optional: attention maps the gallery draws (``stage_labels``:
+                          other stages whose ranks it shows)
 ``validate``              model-specific configuration checks (one-line errors)
 ``released_module``       the authors' released checkpoints: a module that recognises
                           and loads them
@@ -105,6 +107,16 @@ class ModelPlugin:
         matrix)."""
         raise NotImplementedError
 
+    # the gallery (hat.gallery): the other score matrices ``evaluate`` keeps (keep_scores),
+    # shown as each result's rank under that stage, e.g. {"itc": "ITC"}
+    stage_labels: dict = {}
+
+    def gallery_attention(self, model, images, input_ids, attention_mask, device):
+        """What the gallery draws for (image, caption) pairs (images [P, 3, H, W], captions
+        [P, L]): per pair, a list per level of {"label", "direction", "weights": [n_words,
+        regions] tensor} over the caption's real tokens; None: the model has no such maps."""
+        return None
+
     def test_checkpoints(self) -> list:
         """What the final test of test_only=True evaluates: [checkpoint] by default."""
         return [self.c["checkpoint"]] if self.c["checkpoint"] else []
@@ -152,12 +164,21 @@ class EvalOptions:
     checkpoints: list = field(default_factory=list)
     n_folds: int | None = None
     info: dict = field(default_factory=dict)
-    keep_scores: bool = False  # fill ``scores`` with the score matrices that were ranked
+    # keep_scores: fill ``scores`` with the matrices [N_images, N_captions] that were ranked:
+    # "i2t" (image queries), "t2i" (caption queries), and a model's other stages
+    keep_scores: bool = False
     scores: dict = field(default_factory=dict)
 
 
 _PLUGINS: dict[str, type] = {}
 _LISTENERS: list = []
+_BUILTINS = "hat.models"  # registers the built-in models when imported
+
+
+def _with_builtins() -> dict[str, type]:
+    """The registry, the built-in models included (imported on the first lookup)."""
+    importlib.import_module(_BUILTINS)
+    return _PLUGINS
 
 
 def register(plugin: type) -> type:
@@ -185,12 +206,12 @@ def on_register(listener) -> None:
 
 
 def get_plugin(name: str) -> type:
-    return _PLUGINS[name]
+    return _with_builtins()[name]
 
 
 def model_names() -> list[str]:
-    return sorted(_PLUGINS)
+    return sorted(_with_builtins())
 
 
 def plugins() -> list[type]:
-    return list(_PLUGINS.values())
+    return list(_with_builtins().values())

@@ -3,6 +3,7 @@
     python -m hat.runs                      # the runs in ./runs: one line each
     python -m hat.runs --dir /exp/runs
     python -m hat.runs compare 3 7          # the configuration keys that differ, metrics side by side
+    python -m hat.runs curves 3             # runs/3/curves.png: losses, learning rate, val recalls
 
 A run folder holds run.json (status, times, result, named configs), config.json,
 metrics.json (per-epoch scalars) and info.json (the checkpoint); whatever is missing
@@ -101,11 +102,20 @@ def _fmt(value) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m hat.runs", description=__doc__.split("\n\n")[0])
     parser.add_argument("--dir", default="runs", help="the observer directory (default: runs)")
-    parser.add_argument("command", nargs="?", default="list", choices=["list", "compare"])
-    parser.add_argument("ids", nargs="*", help="compare: two run ids")
+    parser.add_argument("command", nargs="?", default="list", choices=["list", "compare", "curves"])
+    parser.add_argument("ids", nargs="*", help="compare: two run ids; curves: run ids or run folders")
+    parser.add_argument("--out", help="curves: write the PNG here (one run) instead of <run folder>/curves.png")
     args = parser.parse_args(argv)
     try:
-        if args.command == "compare":
+        if args.command == "curves":
+            from hat.curves import curves_of_run
+
+            if not args.ids or (args.out and len(args.ids) > 1):
+                parser.error("curves takes run ids or run folders (--out with one of them), e.g. curves 3")
+            for run in args.ids:
+                folder = run if os.path.isdir(run) and not run.isdigit() else os.path.join(args.dir, run)
+                print(curves_of_run(folder, args.out))
+        elif args.command == "compare":
             if len(args.ids) != 2:
                 parser.error("compare takes two run ids, e.g. compare 3 7")
             folders = [os.path.join(args.dir, run_id) for run_id in args.ids]
@@ -116,7 +126,7 @@ def main(argv=None) -> int:
             print(compare(*folders))
         else:
             print(table([run_summary(folder) for folder in run_folders(args.dir)]))
-    except FileNotFoundError as error:
+    except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

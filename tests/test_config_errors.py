@@ -54,6 +54,8 @@ CASES = [
     ({"max_text_len": 513}, "max_text_len=513 is not valid; allowed: at most 512: bert-base-uncased has 512 token positions"),
     ({"device": "tpu"}, "device='tpu' is not valid; allowed: auto, cpu, cuda or cuda:N"),
     ({"checkpoint": "/"}, "checkpoint=/ is a directory; pass the path of a file in it (e.g. /best.ckpt)"),
+    ({"n_queries": -1}, "n_queries=-1 is not valid; allowed: a non-negative integer (the gallery's sample captions"),
+    ({"tensorboard": 3}, "tensorboard=3 is not valid; allowed: False, True (the run's folder/tensorboard) or a directory"),
 ]
 
 

@@ -6,22 +6,6 @@ import torch
 import hat
 from hat.plugins import EvalOptions, get_plugin
 
-HAT_TINY = {"demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 1, "per_gpu_batchsize": 16,
-            "eval_batch_size": 16, "progress": False, "swin_depths": [1, 1, 1, 1], "embed_dim": 32}
-MULTISEA_TINY = {"demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 1, "batch_size": 16,
-                 "per_gpu_batchsize": 8, "eval_batch_size": 16, "progress": False, "vision_depth": 2,
-                 "embed_dim": 32, "fusion_heads": 2, "fusion_layers": 2, "queue_size": 32, "top_k": 8,
-                 "image_backbone_kwargs": {"patch_size": 16, "embed_dim": 32, "num_heads": 2}}
-
-
-def train(tmp, named, updates):
-    from run import ex
-
-    run = ex.run(named_configs=named, config_updates=dict(updates, data_root=str(tmp / "data"),
-                                                          observer_dir=str(tmp / "runs")))
-    assert run.status == "COMPLETED"
-    return run, str(tmp / "runs" / str(run._id) / "best.ckpt"), str(tmp / "data")
-
 
 def runner_scores(checkpoint: str, data_root: str):
     """The test split's score matrices as the runner ranks them (run.eval_data, the plug-in's
@@ -46,11 +30,6 @@ def runner_scores(checkpoint: str, data_root: str):
 def ground_truth_first(sims: torch.Tensor) -> list[int]:
     """Captions (columns) whose own image (caption j belongs to image j // 5) scores highest."""
     return [j for j in range(sims.shape[1]) if int(sims[:, j].argmax()) == j // 5]
-
-
-@pytest.fixture(scope="module")
-def hat_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("hat"), ["demo", "t2i"], HAT_TINY)
 
 
 def test_hat_loader_scores_like_the_runner(hat_run):
@@ -88,11 +67,6 @@ def test_images_as_files_and_overrides(hat_run, tmp_path):
     # other batches (3 images, 4 captions): the same scores up to the last bits of the GEMMs
     torch.testing.assert_close(from_files, scores["sims"][:3, :4], rtol=1e-5, atol=1e-5)
     assert hat.load_model(checkpoint, direction="i2t").model.direction == "i2t"
-
-
-@pytest.fixture(scope="module")
-def multisea_run(tmp_path_factory):
-    return train(tmp_path_factory.mktemp("multisea"), ["multisea", "demo"], MULTISEA_TINY)
 
 
 def test_multisea_loader_scores_like_the_runner_with_and_without_rerank(multisea_run):

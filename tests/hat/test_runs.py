@@ -3,35 +3,7 @@ import json
 import subprocess
 import sys
 
-import pytest
-import torch
-
 from tests.conftest import ROOT
-
-TINY = {"demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 2, "per_gpu_batchsize": 16,
-        "eval_batch_size": 16, "progress": False, "swin_depths": [1, 1, 1, 1], "embed_dim": 32}
-
-
-@pytest.fixture(scope="module")
-def observer(tmp_path_factory):
-    """Run 1 trains (COMPLETED); run 2 tests its checkpoint with direction=t2i
-    (COMPLETED); run 3 tests a copy whose weights hold a NaN (FAILED)."""
-    from hat.checkpoint import load_checkpoint
-    from run import UsageError, ex
-
-    tmp = tmp_path_factory.mktemp("browse")
-    common = {"data_root": str(tmp / "data"), "observer_dir": str(tmp / "runs")}
-    trained = ex.run(named_configs=["demo"], config_updates=dict(TINY, **common))
-    best = tmp / "runs" / "1" / "best.ckpt"
-    ex.run(named_configs=["demo"], config_updates=dict(TINY, **common, test_only=True, checkpoint=str(best),
-                                                         direction="t2i"))
-    state = load_checkpoint(str(best))
-    state["model"]["text_proj.0.bias"][0] = float("nan")
-    torch.save(state, tmp / "nan.ckpt")
-    with pytest.raises(UsageError):
-        ex.run(named_configs=["demo"], config_updates=dict(TINY, **common, test_only=True,
-                                                             checkpoint=str(tmp / "nan.ckpt")))
-    return tmp / "runs", trained
 
 
 def browse(*args):
@@ -41,8 +13,8 @@ def browse(*args):
     return proc.stdout
 
 
-def test_the_list_shows_each_run_with_status_and_metrics(observer):
-    runs, trained = observer
+def test_the_list_shows_each_run_with_status_and_metrics(browse_runs):
+    runs, trained = browse_runs
     lines = browse("--dir", str(runs)).splitlines()
     assert lines[0].split()[:4] == ["id", "status", "model", "dataset"]
     rows = [line.split() for line in lines[1:]]
@@ -56,8 +28,8 @@ def test_the_list_shows_each_run_with_status_and_metrics(observer):
     assert rows[2][8:10] == ["-", "-"]  # the failed run has no result
 
 
-def test_compare_shows_the_keys_that_differ_and_the_metrics(observer):
-    runs, trained = observer
+def test_compare_shows_the_keys_that_differ_and_the_metrics(browse_runs):
+    runs, trained = browse_runs
     out = browse("--dir", str(runs), "compare", "1", "2")
     keys = out.split("metrics:")[0]
     rows = {line.split()[0]: line.split()[1:] for line in keys.splitlines()[2:] if line.strip()}

@@ -325,3 +325,23 @@ def _scan_t2i(images, captions, chunks, image_tile, lambda_softmax, gemm_dtype, 
             block = cosine.sum(dim=2) / real  # [I, C]
             sims[i0:i1].index_copy_(1, index, block.to(compute_dtype))
     return sims
+
+
+def scan_attention(image_tokens: torch.Tensor, caption_tokens: torch.Tensor, direction: str = "i2t",
+                   lambda_softmax: float = 9.0) -> torch.Tensor:
+    """The SCAN attention weights of one (image, caption) pair at one level, as a word x
+    region map [n, R] (what the gallery draws; `scan_similarity` never forms them).
+
+    image_tokens [R, D]; caption_tokens [n, D]: the caption's real tokens only ([CLS] and
+    [SEP] included, no padding). i2t: entry (w, r) is a_rw, the share of region r's
+    attention (a softmax over the words) that goes to word w. t2i: entry (w, r) is a_wr,
+    word w's attention over the regions (each row sums to 1)."""
+    if direction not in ("i2t", "t2i"):
+        raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
+    images, words = image_tokens.float(), caption_tokens.float()
+    raw = F.leaky_relu(words @ images.t(), LEAKY_SLOPE)  # [n, R]
+    # i2t: each word's scores normalised over the regions, softmax over the words;
+    # t2i: each region's scores normalised over the words, softmax over the regions
+    norm_dim, softmax_dim = (1, 0) if direction == "i2t" else (0, 1)
+    normalised = raw / (torch.linalg.vector_norm(raw, dim=norm_dim, keepdim=True) + NORM_EPS)
+    return torch.softmax(lambda_softmax * normalised, dim=softmax_dim)

@@ -213,8 +213,28 @@ class HATPlugin(ModelPlugin):
         del members
         metrics, sims = protocol_metrics(levels, data.caption_to_image, test and c["per_level"], options.n_folds)
         if options.keep_scores:
-            options.scores["sims"] = sims
+            options.scores.update(sims=sims, i2t=sims, t2i=sims)
         return metrics
+
+    def gallery_attention(self, model, images, input_ids, attention_mask, device):
+        """Per pair and level, the SCAN weights of the model's direction (word x region);
+        none for an ensemble (no single model's attention produced its scores)."""
+        if len(self.c["ensemble"]) > 1:
+            return None
+        from hat.evaluation import eval_mode
+        from hat.models.hat.alignment import scan_attention
+
+        with eval_mode(model), torch.no_grad():
+            image_levels = model.encode_images(images.to(device))
+            caption_levels = model.encode_captions(input_ids.to(device), attention_mask.to(device))
+        pairs = []
+        for pair, length in enumerate(attention_mask.sum(dim=1).tolist()):
+            pairs.append([{"label": f"level {k + 1}: stage {stage}, layer {layer}", "direction": model.direction,
+                           "weights": scan_attention(images_k[pair], captions_k[pair, :length], model.direction,
+                                                     model.lambda_softmax).cpu()}
+                          for k, (images_k, captions_k, (stage, layer)) in enumerate(
+                              zip(image_levels, caption_levels, self.c["level_pairs"]))])
+        return pairs
 
     def encode_image_set(self, model, loader, device):
         """Per level [N_images, R, D] (fp16 on CUDA, as evaluate keeps them)."""

@@ -160,6 +160,8 @@ class MultiSEAPlugin(ModelPlugin):
         return cosine_schedule(optimizer, c["max_epoch"] * steps_per_epoch, c["warmup_ratio"],
                                c["num_cycles"]), "step"
 
+    stage_labels = {"itc": "ITC"}  # the gallery shows each result's ITC rank beside the re-ranked one
+
     def evaluate(self, model, data, device, options) -> dict:
         """ITC shortlist + ITM re-rank of the model as it is or of one checkpoint; the 1K
         folds (each fold shortlisted within itself) as ``options.n_folds`` says."""

@@ -1,0 +1,379 @@
+"""What a model retrieves, for people and for scripts: ``gallery.html`` and ``retrievals.json``.
+
+After a test evaluation (and ``python run.py gallery with checkpoint=...``) the runner
+passes the score matrices the evaluation ranked (`hat.plugins.EvalOptions` with
+``keep_scores``) to `write_gallery`, which writes into the run's folder:
+
+* ``retrievals.json``: for every query of the split, the top ``json_k`` (10) results with
+  their scores, in both directions: ``i2t`` keyed by the arrow files' ``image_id``, ``t2i``
+  by the caption index (the caption's position in the split's caption list: column j of
+  the score matrix), each with the 1-based rank of its ground truth (the recall
+  protocol's rank: ties never favour the ground truth).
+* ``gallery.html``: one self-contained page (thumbnails embedded as data URIs, no script,
+  no network) with ``n_queries`` sample captions and their top-5 images, ``n_queries``
+  sample images and their top-5 captions (ground truth marked, its rank given when it is
+  not in the top 5), chosen with ``seed`` and about half of them failures (ground truth
+  not first) where the split has that many. Models add their own views through the
+  plug-in: HAT draws the word-region attention of every level for a few (caption, top
+  image) pairs (`hat.plugins.ModelPlugin.gallery_attention`); Multi-SEA shows each
+  result's rank under its first stage (ITC) next to the re-ranked one
+  (``ModelPlugin.stage_labels``). The page ends with its data as JSON
+  (``<script type="application/json" id="gallery-data">``), attention weights included.
+"""
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+from datamodules.atomic import atomic_file
+from hat.evaluation import retrieval_ranks
+
+THUMBNAIL_PX = 128  # longest side of a result thumbnail
+HEATMAP_PX = 96  # side of an attention map
+SHOWN = 5  # results per query on the page
+JSON_K = 10  # results per query in retrievals.json
+SORT_ROWS = 1024  # queries sorted at a time (bounds the memory of ranking)
+
+
+def top_results(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The k best columns of every row of ``scores`` [Q, N], best first, ties in column
+    order (a stable sort) -> (indices [Q, k], scores [Q, k])."""
+    k = min(k, scores.shape[1])
+    indices, values = [], []
+    for start in range(0, scores.shape[0], SORT_ROWS):
+        rows = scores[start:start + SORT_ROWS].float().cpu()
+        order = torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k]
+        indices.append(order)
+        values.append(rows.gather(1, order))
+    if not indices:
+        return torch.zeros(0, k, dtype=torch.long), torch.zeros(0, k)
+    return torch.cat(indices), torch.cat(values)
+
+
+def sample_queries(gt_ranks: torch.Tensor, n: int, seed: int) -> list[int]:
+    """``n`` query indices (sorted) chosen with ``seed``: failures (rank > 0, 0-based) up
+    to half of them, successes for the rest; more failures when successes run out."""
+    rng = np.random.default_rng(seed)
+    ranks = gt_ranks.cpu().numpy()
+    failures, successes = np.flatnonzero(ranks > 0), np.flatnonzero(ranks == 0)
+    n = min(n, len(ranks))
+    n_failures = min(len(failures), (n + 1) // 2)
+    n_successes = min(len(successes), n - n_failures)
+    n_failures = min(len(failures), n - n_successes)
+    chosen = list(rng.choice(failures, n_failures, replace=False)) + list(
+        rng.choice(successes, n_successes, replace=False))
+    return sorted(int(i) for i in chosen)
+
+
+def _data_uri(image, fmt: str = "JPEG") -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format=fmt, **({"quality": 85} if fmt == "JPEG" else {}))
+    mime = "jpeg" if fmt == "JPEG" else fmt.lower()
+    return f"data:image/{mime};base64,{base64.b64encode(buffer.getvalue()).decode('ascii')}"
+
+
+def _thumbnail(split, index: int) -> str:
+    image = split.image(index)
+    image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
+    return _data_uri(image)
+
+
+def heatmap(view, weights: np.ndarray, grid: tuple[int, int], colormap: str = "jet") -> str:
+    """A data URI of ``view`` (a PIL image: what the model saw) with ``weights`` (one per
+    region, row-major over ``grid``) drawn over it: scaled to their maximum, coloured
+    with a matplotlib colour map, resized with pillow and blended at 50%."""
+    from matplotlib import colormaps
+    from PIL import Image
+
+    values = np.asarray(weights, dtype=np.float64).reshape(grid)
+    peak = values.max()
+    scaled = values / peak if peak > 0 else values
+    colours = (colormaps[colormap](scaled)[..., :3] * 255).astype(np.uint8)  # [h, w, 3]
+    overlay = Image.fromarray(colours).resize((HEATMAP_PX, HEATMAP_PX), Image.Resampling.BILINEAR)
+    base = view.convert("RGB").resize((HEATMAP_PX, HEATMAP_PX), Image.Resampling.BILINEAR)
+    return _data_uri(Image.blend(base, overlay, 0.5), "PNG")
+
+
+def region_grid(regions: int) -> tuple[int, int]:
+    """The (rows, columns) of a square token grid of ``regions`` tokens (1 x R otherwise)."""
+    side = math.isqrt(regions)
+    return (side, side) if side * side == regions else (1, regions)
+
+
+class SplitView:
+    """What the gallery needs of an evaluated split (a `hat.evaluation.EvalData` over the
+    datamodules' SplitImages / SplitCaptions): image ids, caption texts, tokens, images."""
+
+    def __init__(self, data):
+        self.images_set, self.captions_set = data.images.dataset, data.captions.dataset
+        self.split = self.images_set.split
+        self.caption_to_image = data.caption_to_image.cpu()
+        self.image_ids = [str(self.split.image_id(i)) for i in range(len(self.split))]
+        self.pairs = self.captions_set.pairs  # caption j -> (image, k-th caption of that image)
+
+    def text(self, caption: int) -> str:
+        image, k = self.pairs[caption]
+        return self.split.captions(image)[k]
+
+    def caption_entry(self, caption: int) -> dict:
+        image, k = self.pairs[caption]
+        return {"caption": caption, "image_id": self.image_ids[image], "caption_of_image": k}
+
+
+def _keys(image_ids: list[str]) -> list[str]:
+    """retrievals.json keys of the images: the image_id, made unique where ids repeat."""
+    seen, keys = {}, []
+    for index, image_id in enumerate(image_ids):
+        keys.append(image_id if image_id not in seen else f"{image_id}#{index}")
+        seen[image_id] = index
+    return keys
+
+
+def retrievals(view: SplitView, i2t: torch.Tensor, t2i: torch.Tensor, k: int = JSON_K) -> dict:
+    """The content of retrievals.json (see the module docstring)."""
+    i2t_ranks = retrieval_ranks(i2t, view.caption_to_image)[0].cpu()
+    t2i_ranks = retrieval_ranks(t2i, view.caption_to_image)[1].cpu()
+    image_top, image_scores = top_results(i2t, k)  # [N_images, k] captions
+    caption_top, caption_scores = top_results(t2i.t(), k)  # [N_captions, k] images
+    keys = _keys(view.image_ids)
+    ground_truth = [[] for _ in keys]
+    for caption, image in enumerate(view.caption_to_image.tolist()):
+        ground_truth[image].append(caption)
+    images = {}
+    for image, key in enumerate(keys):
+        images[key] = {"image_index": image, "ground_truth": ground_truth[image],
+                       "gt_rank": int(i2t_ranks[image]) + 1,
+                       "top": [{**view.caption_entry(int(c)), "score": float(s)}
+                               for c, s in zip(image_top[image], image_scores[image])]}
+    captions = {}
+    for caption in range(len(view.pairs)):
+        captions[str(caption)] = {**view.caption_entry(caption), "text": view.text(caption),
+                                  "gt_rank": int(t2i_ranks[caption]) + 1,
+                                  "top": [{"image_id": view.image_ids[int(i)], "image_index": int(i),
+                                           "score": float(s)}
+                                          for i, s in zip(caption_top[caption], caption_scores[caption])]}
+    return {"k": k, "n_images": len(keys), "n_captions": len(captions), "i2t": images, "t2i": captions}
+
+
+def _stage_ranks(matrix: torch.Tensor, rows: list[int], axis: str) -> dict:
+    """1-based rank of every candidate of the given query rows under another stage's
+    matrix (``axis`` "i2t": rows are images; "t2i": rows are captions)."""
+    scores = matrix if axis == "i2t" else matrix.t()
+    ranks = {}
+    for row in rows:
+        order = torch.sort(scores[row].float().cpu(), descending=True, stable=True).indices
+        position = torch.empty_like(order)
+        position[order] = torch.arange(len(order))
+        ranks[row] = (position + 1).tolist()
+    return ranks
+
+
+def gallery_data(plugin, model, data, scores: dict, device, n_queries: int = 20, seed: int = 0,
+                 view_transform=None, n_attention: int = 3) -> dict:
+    """Everything the page shows (no HTML, no images): the sampled queries with their top
+    results, other stages' ranks, and the attention maps of the model's plug-in."""
+    view = SplitView(data)
+    i2t, t2i = scores["i2t"], scores["t2i"]
+    i2t_ranks = retrieval_ranks(i2t, view.caption_to_image)[0].cpu()
+    t2i_ranks = retrieval_ranks(t2i, view.caption_to_image)[1].cpu()
+    stages = {label: scores[key] for key, label in plugin.stage_labels.items() if key in scores}
+    caption_queries = sample_queries(t2i_ranks, n_queries, seed)
+    image_queries = sample_queries(i2t_ranks, n_queries, seed + 1)
+    caption_top, caption_scores = top_results(t2i.t()[caption_queries], SHOWN)
+    image_top, image_scores = top_results(i2t[image_queries], SHOWN)
+    stage_ranks = {label: (_stage_ranks(m, caption_queries, "t2i"), _stage_ranks(m, image_queries, "i2t"))
+                   for label, m in stages.items()}
+
+    captions = []
+    for row, caption in enumerate(caption_queries):
+        results = []
+        for image, score in zip(caption_top[row].tolist(), caption_scores[row].tolist()):
+            results.append({"image_index": image, "image_id": view.image_ids[image], "score": score,
+                            "ground_truth": image == int(view.caption_to_image[caption]),
+                            "stage_ranks": {label: ranks[0][caption][image]
+                                            for label, ranks in stage_ranks.items()}})
+        captions.append({**view.caption_entry(caption), "text": view.text(caption),
+                         "gt_rank": int(t2i_ranks[caption]) + 1, "results": results})
+    images = []
+    for row, image in enumerate(image_queries):
+        results = []
+        for caption, score in zip(image_top[row].tolist(), image_scores[row].tolist()):
+            results.append({**view.caption_entry(caption), "text": view.text(caption), "score": score,
+                            "ground_truth": int(view.caption_to_image[caption]) == image,
+                            "stage_ranks": {label: ranks[1][image][caption]
+                                            for label, ranks in stage_ranks.items()}})
+        images.append({"image_index": image, "image_id": view.image_ids[image],
+                       "gt_rank": int(i2t_ranks[image]) + 1, "results": results})
+    return {"captions": captions, "images": images, "stages": list(stages),
+            "attention": attention_pairs(plugin, model, view, captions, device, n_attention, view_transform)}
+
+
+def attention_pairs(plugin, model, view: SplitView, captions: list[dict], device, n_pairs: int,
+                    view_transform=None) -> list[dict]:
+    """The plug-in's attention maps for up to ``n_pairs`` (caption, its top image) pairs of
+    the sampled captions: successes first, then a failure (when there is one)."""
+    successes = [q for q in captions if q["gt_rank"] == 1]
+    failures = [q for q in captions if q["gt_rank"] > 1]
+    chosen = successes[:max(n_pairs - 1, 0)] + failures[:1]
+    chosen += [q for q in captions if q not in chosen][:n_pairs - len(chosen)]
+    if not chosen:
+        return []
+    from datamodules.datasets import pad_id_of, pad_token_ids
+
+    images = torch.stack([view.images_set[q["results"][0]["image_index"]] for q in chosen])
+    tokens = [view.captions_set[q["caption"]] for q in chosen]
+    input_ids, attention_mask = pad_token_ids(tokens, pad_id_of(view.captions_set.tokenizer))
+    maps = plugin.gallery_attention(model, images, input_ids, attention_mask, device)
+    if maps is None:
+        return []
+    pairs = []
+    for query, ids, levels in zip(chosen, tokens, maps):
+        top = query["results"][0]
+        pairs.append({"caption": query["caption"], "text": query["text"], "image_index": top["image_index"],
+                      "image_id": top["image_id"], "ground_truth": top["ground_truth"],
+                      "words": view.captions_set.tokenizer.convert_ids_to_tokens(ids),
+                      "levels": [{"label": level["label"], "direction": level["direction"],
+                                  "grid": list(region_grid(level["weights"].shape[1])),
+                                  "weights": level["weights"].tolist()} for level in levels]})
+    return pairs
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 24px; max-width: 1240px; color: #222; }
+h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1px solid #ccc; }
+.meta { color: #555; font-size: 13px; }
+.query { border: 1px solid #ddd; border-radius: 6px; padding: 8px 12px; margin: 10px 0; }
+.query.failure { border-color: #d9822b; }
+.caption { font-size: 15px; margin: 4px 0 8px; }
+.rank { font-size: 13px; color: #555; }
+.failure .rank { color: #b35c00; font-weight: bold; }
+ol.results { display: flex; flex-wrap: wrap; gap: 10px; list-style: none; padding: 0; margin: 0; }
+ol.results li { width: 140px; font-size: 12px; text-align: center; }
+ol.results.captions li { width: 220px; text-align: left; border-left: 3px solid #eee; padding-left: 6px; }
+ol.results img { width: 128px; height: 128px; object-fit: contain; border: 3px solid transparent; }
+li.gt img { border-color: #2a9d3a; } li.gt { font-weight: bold; }
+ol.results.captions li.gt { border-left-color: #2a9d3a; }
+.badge { color: #2a9d3a; }
+.query-image img { width: 128px; height: 128px; object-fit: contain; float: left; margin-right: 12px; }
+.query-image::after { content: ""; display: block; clear: both; }
+table.attention { border-collapse: collapse; margin: 8px 0 24px; }
+table.attention td, table.attention th { padding: 2px; font-size: 11px; text-align: center; vertical-align: top; }
+table.attention th.level { text-align: left; width: 120px; }
+table.attention img { width: 96px; height: 96px; display: block; }
+.scroll { overflow-x: auto; }
+"""
+
+
+def _score_text(result: dict) -> str:
+    text = f"score {result['score']:.4f}"
+    for label, rank in result["stage_ranks"].items():
+        text += f" · {html.escape(label)} rank {rank}"
+    return text
+
+
+def render_html(data: dict, split, title: str, metrics: dict | None = None, view_transform=None) -> str:
+    """The page of `gallery_data` (thumbnails and heat maps from ``split``, an ArrowSplit)."""
+    thumbnails = {}
+
+    def thumb(index: int) -> str:
+        if index not in thumbnails:
+            thumbnails[index] = _thumbnail(split, index)
+        return thumbnails[index]
+
+    out = ["<!DOCTYPE html>", "<html lang=\"en\"><head><meta charset=\"utf-8\">",
+           f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>",
+           f"<h1>{html.escape(title)}</h1>"]
+    if metrics:
+        shown = ", ".join(f"{key} {metrics[key]:.2f}" for key in
+                          ("i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum") if key in metrics)
+        out.append(f"<p class=\"meta\">{shown}</p>")
+    stages = "".join(f"; {html.escape(s)} rank: that result's rank under {html.escape(s)} alone"
+                     for s in data["stages"])
+    out.append(f"<p class=\"meta\">Results in ranked order with their scores; green: ground truth. Queries were drawn at random (seeded), about "
+               f"half of them failures (ground truth not first){stages}.</p>")
+
+    out.append("<h2 id=\"text-to-image\">Caption → top-5 images</h2>")
+    for query in data["captions"]:
+        failure = query["gt_rank"] > 1
+        out.append(f"<div class=\"query caption-query{' failure' if failure else ''}\" "
+                   f"data-caption=\"{query['caption']}\" data-gt-rank=\"{query['gt_rank']}\">")
+        out.append(f"<p class=\"caption\">“{html.escape(query['text'])}” "
+                   f"<span class=\"rank\">ground truth at rank {query['gt_rank']}</span></p><ol class=\"results\">")
+        for position, result in enumerate(query["results"], start=1):
+            gt = result["ground_truth"]
+            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-image-id=\"{html.escape(result['image_id'])}\" "
+                       f"data-image-index=\"{result['image_index']}\"><img alt=\"image {html.escape(result['image_id'])}\" "
+                       f"src=\"{thumb(result['image_index'])}\"><br>{position}. {_score_text(result)}"
+                       f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
+        out.append("</ol></div>")
+
+    out.append("<h2 id=\"image-to-text\">Image → top-5 captions</h2>")
+    for query in data["images"]:
+        failure = query["gt_rank"] > 1
+        out.append(f"<div class=\"query image-query{' failure' if failure else ''}\" "
+                   f"data-image-id=\"{html.escape(query['image_id'])}\" data-image-index=\"{query['image_index']}\" "
+                   f"data-gt-rank=\"{query['gt_rank']}\"><div class=\"query-image\">"
+                   f"<img alt=\"query image {html.escape(query['image_id'])}\" src=\"{thumb(query['image_index'])}\">"
+                   f"<p class=\"rank\">{html.escape(query['image_id'])}: first ground-truth caption at rank "
+                   f"{query['gt_rank']}</p></div><ol class=\"results captions\">")
+        for position, result in enumerate(query["results"], start=1):
+            gt = result["ground_truth"]
+            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-caption=\"{result['caption']}\">{position}. "
+                       f"{html.escape(result['text'])}<br><span class=\"rank\">{_score_text(result)}</span>"
+                       f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
+        out.append("</ol></div>")
+
+    if data["attention"]:
+        out.append("<h2 id=\"attention\">Word-region attention per level</h2>")
+        out.append("<p class=\"meta\">Each map is one word's SCAN attention weights over the image's regions "
+                   "(scaled to its own maximum, printed under it), on the image as the model saw it. "
+                   "i2t: the share of each region's attention that goes to the word; t2i: the word's "
+                   "attention over the regions.</p>")
+        for pair in data["attention"]:
+            view = split.image(pair["image_index"])
+            if view_transform is not None:
+                view = view_transform(view)
+            verdict = "the ground truth" if pair["ground_truth"] else "not the ground truth"
+            out.append(f"<div class=\"attention-pair\" data-caption=\"{pair['caption']}\" "
+                       f"data-image-id=\"{html.escape(pair['image_id'])}\"><p class=\"caption\">“"
+                       f"{html.escape(pair['text'])}” and its top image {html.escape(pair['image_id'])} "
+                       f"({verdict})</p><div class=\"scroll\"><table class=\"attention\"><tr><th></th>")
+            out.extend(f"<th>{html.escape(word)}</th>" for word in pair["words"])
+            out.append("</tr>")
+            for level in pair["levels"]:
+                out.append(f"<tr><th class=\"level\">{html.escape(level['label'])} "
+                           f"({level['direction']}, {level['grid'][0]}×{level['grid'][1]} regions)</th>")
+                for weights in level["weights"]:
+                    out.append(f"<td><img class=\"heatmap\" alt=\"attention map\" "
+                               f"src=\"{heatmap(view, np.asarray(weights), tuple(level['grid']))}\">"
+                               f"max {max(weights):.3f}</td>")
+                out.append("</tr>")
+            out.append("</table></div></div>")
+    payload = json.dumps(data).replace("</", "<\\/")
+    out.append(f"<script type=\"application/json\" id=\"gallery-data\">{payload}</script>")
+    out.append("</body></html>")
+    return "\n".join(out)
+
+
+def write_gallery(out_dir: str, plugin, model, data, scores: dict, device, title: str, metrics: dict | None = None,
+                  n_queries: int = 20, seed: int = 0, view_transform=None) -> dict:
+    """Write gallery.html and retrievals.json into ``out_dir`` (each atomically) ->
+    {"gallery": path, "retrievals": path}."""
+    content = retrievals(SplitView(data), scores["i2t"], scores["t2i"])
+    content = {"title": title, **content}
+    page = render_html(gallery_data(plugin, model, data, scores, device, n_queries, seed, view_transform),
+                       data.images.dataset.split, title, metrics, view_transform)
+    paths = {"gallery": os.path.join(out_dir, "gallery.html"),
+             "retrievals": os.path.join(out_dir, "retrievals.json")}
+    with atomic_file(paths["retrievals"], "w") as handle:
+        json.dump(content, handle)
+    with atomic_file(paths["gallery"], "w") as handle:
+        handle.write(page)
+    return paths
