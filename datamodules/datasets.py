@@ -158,16 +158,16 @@ def collate_captions(batch, pad_id: int = 0, pad_to: int | None = None):
 
 def train_loader(dataset: CaptionPairs | OneCaptionPerImage, batch_size: int, num_workers: int,
                  seed: int, rank: int = 0, world_size: int = 1, pad_id: int = 0,
-                 pad_to: int | None = None):
+                 pad_to: int | None = None, pin_memory: bool = False):
     """Loader over global batches of ``batch_size`` (this rank's slice of each); call
     ``loader.batch_sampler.set_epoch(epoch, start_batch)`` before every epoch. Captions
     are padded with ``pad_id`` (the tokenizer's pad_token_id) to the longest in the
-    batch, or to ``pad_to`` tokens."""
+    batch, or to ``pad_to`` tokens. ``pin_memory``: batches in page-locked memory (CUDA)."""
     sampler = GlobalBatchSampler(len(dataset), batch_size, seed, rank, world_size,
                                  with_epoch=getattr(dataset, "epoch_items", False))
     return DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
                       collate_fn=partial(collate_pairs, pad_id=pad_id, pad_to=pad_to),
-                      persistent_workers=num_workers > 0,
+                      persistent_workers=num_workers > 0, pin_memory=pin_memory,
                       generator=torch.Generator().manual_seed(seed))
 
 

@@ -296,8 +296,8 @@ def render_html(data: dict, split, title: str, metrics: dict | None = None, view
         out.append(f"<p class=\"meta\">{shown}</p>")
     stages = "".join(f"; {html.escape(s)} rank: that result's rank under {html.escape(s)} alone"
                      for s in data["stages"])
-    out.append(f"<p class=\"meta\">Results in ranked order with their scores; green: ground truth. Queries were drawn at random (seeded), about "
-               f"half of them failures (ground truth not first){stages}.</p>")
+    out.append(f"<p class=\"meta\">Results in ranked order with their scores; green: ground truth. Queries "
+               f"were drawn at random (seeded), about half of them failures (ground truth not first){stages}.</p>")
 
     out.append("<h2 id=\"text-to-image\">Caption → top-5 images</h2>")
     for query in data["captions"]:
@@ -308,8 +308,9 @@ def render_html(data: dict, split, title: str, metrics: dict | None = None, view
                    f"<span class=\"rank\">ground truth at rank {query['gt_rank']}</span></p><ol class=\"results\">")
         for position, result in enumerate(query["results"], start=1):
             gt = result["ground_truth"]
-            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-image-id=\"{html.escape(result['image_id'])}\" "
-                       f"data-image-index=\"{result['image_index']}\"><img alt=\"image {html.escape(result['image_id'])}\" "
+            image_id = html.escape(result["image_id"])
+            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-image-id=\"{image_id}\" "
+                       f"data-image-index=\"{result['image_index']}\"><img alt=\"image {image_id}\" "
                        f"src=\"{thumb(result['image_index'])}\"><br>{position}. {_score_text(result)}"
                        f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
         out.append("</ol></div>")

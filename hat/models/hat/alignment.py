@@ -55,6 +55,11 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 # autograd on any device, a block is 512 MB of fp32 scores (about 2 GB of working memory).
 TILE_SCORES = {"cpu": 2**20, "cuda": 2**27}
 CHUNK_TOKENS = {"cpu": 640, "cuda": 16384}  # padded caption tokens per caption chunk
+# Autograd with recomputation (scan_similarity's default): backward's tiles hold about
+# this many raw scores; a tile's graph is all that scoring holds beyond its inputs, its
+# output and their gradients. On the CPU cache-sized tiles are also the fastest
+# (bench/train_step.py: B = 32, 2^17..2^19 alike, 2^21 slower).
+RECOMPUTE_SCORES = {"cpu": 2**18, "cuda": 2**24}
 
 
 def _safe_norm(values: torch.Tensor, dim: int) -> torch.Tensor:
@@ -206,6 +211,7 @@ def scan_similarity(
     lambda_softmax: float = 9.0,
     image_tile: int | None = None,
     caption_tile: int | None = None,
+    recompute: bool = True,
 ) -> torch.Tensor:
     """Score every image against every caption at one level.
 
@@ -214,6 +220,13 @@ def scan_similarity(
     do not influence the result. Returns [N_images, N_captions] in the inputs' dtype
     (float32 for float16/bfloat16 inputs). image_tile / caption_tile: images and
     captions per tile (None: sizes that keep a tile near TILE_SCORES scores).
+
+    Under autograd, ``recompute`` (the default) bounds memory: the forward is the
+    evaluation's kernel (in place, nothing kept but the inputs) and backward computes
+    each tile again with autograd, differentiates it and adds its share to the input
+    gradients, so that memory holds one tile's graph (RECOMPUTE_SCORES scores) instead
+    of every tile's. The gradients are those of ``recompute=False``, where autograd
+    keeps every tile (memory grows with N_images x N_captions).
     """
     if direction not in ("i2t", "t2i"):
         raise ValueError(f"direction must be 'i2t' or 't2i', got {direction!r}")
@@ -222,41 +235,79 @@ def scan_similarity(
             f"expected images [N, R, D] and captions [M, L, D], got {tuple(images.shape)} "
             f"and {tuple(captions.shape)}"
         )
-    n_images, regions, dim = images.shape
-    n_captions, max_words, _ = captions.shape
-    device = images.device
     lengths = torch.as_tensor(caption_lengths, device=captions.device).long().reshape(-1)
-    if lengths.numel() != n_captions:
-        raise ValueError(f"{lengths.numel()} caption_lengths for {n_captions} captions")
+    if lengths.numel() != captions.shape[0]:
+        raise ValueError(f"{lengths.numel()} caption_lengths for {captions.shape[0]} captions")
+    if lengths.numel() and (int(lengths.min()) < 1 or int(lengths.max()) > captions.shape[1]):
+        raise ValueError(f"caption_lengths must lie in 1..{captions.shape[1]}")
+    grad = torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad)
+    if grad and recompute:
+        return _RecomputedScan.apply(images, captions, lengths, direction, float(lambda_softmax), image_tile,
+                                     caption_tile)
+    # CPU without autograd: cache-sized tiles. CUDA, or autograd keeping every tile's
+    # intermediates (small tiles would only add overhead): large tiles.
+    budget = "cpu" if images.device.type == "cpu" and not grad else "cuda"
+    plan = _plan(images, captions, lengths, TILE_SCORES[budget], CHUNK_TOKENS[budget], image_tile, caption_tile)
+    if plan is None:
+        return images.new_zeros(images.shape[0], captions.shape[0], dtype=_compute_dtype(images, captions))
+    chunks, image_tile = plan
+    dtypes = _dtypes(images, captions)
+    scan = _scan_i2t if direction == "i2t" else _scan_t2i
+    with torch.autocast(images.device.type, enabled=False):
+        return scan(images, captions, chunks, image_tile, lambda_softmax, *dtypes, grad)
+
+
+def _compute_dtype(images, captions) -> torch.dtype:
+    dtype = torch.promote_types(images.dtype, captions.dtype)
+    return torch.float32 if dtype in HALF_DTYPES else dtype
+
+
+def _dtypes(images, captions) -> tuple[torch.dtype, torch.dtype]:
+    """(GEMM dtype, compute dtype) of a level's inputs."""
+    dtype = torch.promote_types(images.dtype, captions.dtype)
+    return _gemm_dtype(dtype, images.device), _compute_dtype(images, captions)
+
+
+def _plan(images, captions, lengths, budget: int, chunk_tokens: int, image_tile, caption_tile):
+    """The tiling: (caption chunks, images per tile), or None when there is nothing to score.
+    A chunk is (column indices [C], word mask [C, n], real lengths [C]) of captions sorted
+    by length; ``budget`` raw scores per block set the default tile sizes."""
+    n_images, regions, _ = images.shape
+    device = images.device
     order = torch.argsort(lengths, stable=True)
     sorted_lengths = lengths[order].tolist()
-    if n_captions and (sorted_lengths[0] < 1 or sorted_lengths[-1] > max_words):
-        raise ValueError(f"caption_lengths must lie in 1..{max_words}")
-
-    dtype = torch.promote_types(images.dtype, captions.dtype)
-    compute_dtype = torch.float32 if dtype in HALF_DTYPES else dtype
-    gemm_dtype = _gemm_dtype(dtype, device)
-    grad = torch.is_grad_enabled() and (images.requires_grad or captions.requires_grad)
-    # CPU without autograd: cache-sized tiles. CUDA, or autograd (which keeps every tile's
-    # intermediates anyway, so small tiles would only add overhead): large tiles.
-    kind = "cpu" if device.type == "cpu" and not grad else "cuda"
-    budget = TILE_SCORES[kind]
-    tokens = max(64, min(CHUNK_TOKENS[kind], budget // regions))
-    chunks = []  # (column indices [C], word mask [C, n], real lengths [C])
+    tokens = max(64, min(chunk_tokens, budget // regions))
+    chunks = []
     for start, stop in _caption_chunks(sorted_lengths, caption_tile, tokens):
         real = torch.as_tensor(sorted_lengths[start:stop], device=device)
         mask = torch.arange(sorted_lengths[stop - 1], device=device)[None, :] < real[:, None]
         chunks.append((order[start:stop].to(device), mask, real))
-    if n_images == 0 or n_captions == 0:
-        return images.new_zeros(n_images, n_captions, dtype=compute_dtype)
+    if n_images == 0 or not chunks:
+        return None
     if image_tile is None:  # the largest chunk's block stays near the budget
         widest = max(mask.numel() for _, mask, _ in chunks)  # padded tokens of a chunk
         image_tile = max(1, budget // (regions * widest))
-    image_tile = int(image_tile)
-    scan = _scan_i2t if direction == "i2t" else _scan_t2i
-    with torch.autocast(device.type, enabled=False):
-        return scan(images, captions, chunks, image_tile, lambda_softmax, gemm_dtype,
-                    compute_dtype, grad)
+    return chunks, int(image_tile)
+
+
+def _word_gram(words: torch.Tensor, mask: torch.Tensor, dtype) -> torch.Tensor:
+    """G = T T^T of each caption plus its word mask as one more row: [C, n+1, n]."""
+    words = words.to(dtype)
+    return torch.cat([torch.bmm(words, words.transpose(1, 2)), mask[:, None, :].to(dtype)], dim=1)
+
+
+def _i2t_block(image_rows, flat_words, gram, regions, lambda_softmax, gemm_dtype, compute_dtype, grad,
+               buffers) -> torch.Tensor:
+    """Scores [I, C] of an image tile (its regions [I*R, D]) against a caption chunk
+    (words [C*n, D], padding zero; ``gram`` [C, n+1, n] from `_word_gram`)."""
+    width, dim = image_rows.shape
+    n_chunk, n_words = gram.shape[0], gram.shape[2]
+    tile = _converted(image_rows, gemm_dtype, buffers("tile", width, dim))  # [I*R, D]
+    region_sq = torch.linalg.vector_norm(tile, dim=1, dtype=compute_dtype).square()
+    raw = _token_scores(flat_words, tile, grad, buffers("raw", n_chunk * n_words, width))
+    raw = raw.to(compute_dtype).view(n_chunk, n_words, width)  # [C, n, I*R]
+    cosine = _attend(raw, gram, region_sq, regions, lambda_softmax, not grad, buffers)  # [C, I*R]
+    return cosine.view(n_chunk, width // regions, regions).mean(dim=2).t()
 
 
 def _scan_i2t(images, captions, chunks, image_tile, lambda_softmax, gemm_dtype, compute_dtype,
@@ -268,63 +319,156 @@ def _scan_i2t(images, captions, chunks, image_tile, lambda_softmax, gemm_dtype, 
     sims = images.new_zeros(n_images, captions.shape[0], dtype=compute_dtype)
     for chunk in chunks:
         index, mask, _ = chunk
-        n_chunk, n_words = mask.shape
         words = _chunk_words(captions, chunk, gemm_dtype, buffers)  # [C, n, D]
-        flat_words = words.reshape(n_chunk * n_words, dim)  # [C*n, D]
-        words = words.to(compute_dtype)
-        gram = torch.cat([torch.bmm(words, words.transpose(1, 2)),  # G  [C, n, n]
-                          mask[:, None, :].to(compute_dtype)], dim=1)  # [C, n+1, n]
+        flat_words = words.reshape(-1, dim)  # [C*n, D]
+        gram = _word_gram(words, mask, compute_dtype)
         for i0 in range(0, n_images, image_tile):
             i1 = min(i0 + image_tile, n_images)
-            width = (i1 - i0) * regions
-            tile = _converted(images_flat[i0 * regions:i1 * regions], gemm_dtype,
-                              buffers("tile", width, dim))  # [I*R, D]
-            region_sq = torch.linalg.vector_norm(tile, dim=1, dtype=compute_dtype).square()
-            raw = _token_scores(flat_words, tile, grad, buffers("raw", n_chunk * n_words, width))
-            raw = raw.to(compute_dtype).view(n_chunk, n_words, width)  # [C, n, I*R]
-            cosine = _attend(raw, gram, region_sq, regions, lambda_softmax, not grad,
-                             buffers)  # [C, I*R]
-            block = cosine.view(n_chunk, i1 - i0, regions).mean(dim=2).t()  # [I, C]
+            block = _i2t_block(images_flat[i0 * regions:i1 * regions], flat_words, gram, regions, lambda_softmax,
+                               gemm_dtype, compute_dtype, grad, buffers)  # [I, C]
             sims[i0:i1].index_copy_(1, index, block)
     return sims
+
+
+def _t2i_rows(tile_images, captions, chunks, lambda_softmax, gemm_dtype, compute_dtype, grad, buffers,
+              out: torch.Tensor) -> torch.Tensor:
+    """Scores of an image tile [I, R, D] against every caption, written into ``out``
+    [I, N_captions]: one region Gram matrix, the caption chunks gathered in turn."""
+    n_tile, regions, dim = tile_images.shape
+    tile = _converted(tile_images, gemm_dtype, buffers("tile", n_tile, regions, dim))
+    tile_c = tile.to(compute_dtype)  # [I, R, D]
+    region_gram = torch.bmm(tile_c, tile_c.transpose(1, 2),
+                            out=buffers("region_gram", n_tile, regions, regions))  # H
+    gram = buffers("gram_rows", n_tile, regions + 1, regions)  # [I, R+1, R]
+    if gram is None:
+        gram = torch.cat([region_gram, tile_c.new_ones(n_tile, 1, regions)], dim=1)
+    else:
+        gram[:, :regions].copy_(region_gram)
+        gram[:, regions].fill_(1.0)
+    flat_regions = tile.reshape(n_tile * regions, dim)  # [I*R, D]
+    for chunk in chunks:
+        index, mask, real = chunk
+        n_chunk, n_words = mask.shape
+        flat_words = _chunk_words(captions, chunk, gemm_dtype, buffers).reshape(-1, dim)
+        word_sq = torch.linalg.vector_norm(flat_words, dim=1, dtype=compute_dtype).square()
+        raw = _token_scores(flat_regions, flat_words, grad,
+                            buffers("raw", flat_regions.shape[0], n_chunk * n_words))
+        raw = raw.to(compute_dtype).view(n_tile, regions, n_chunk * n_words)  # [I, R, C*n]
+        cosine = _attend(raw, gram, word_sq, n_words, lambda_softmax, not grad, buffers)  # [I, C*n]
+        cosine = cosine.view(n_tile, n_chunk, n_words)  # padded words: exactly 0 ...
+        if grad:  # ... but with a 1/(1e-8 Z) gradient, which half precision overflows
+            cosine = cosine.masked_fill(~mask, 0.0)
+        block = cosine.sum(dim=2) / real  # [I, C]
+        out.index_copy_(1, index, block.to(compute_dtype))
+    return out
 
 
 def _scan_t2i(images, captions, chunks, image_tile, lambda_softmax, gemm_dtype, compute_dtype,
               grad):
     """Image tiles outer (one region Gram matrix per tile), caption chunks inner (gathered
     again for every image tile: no copy of the captions is kept)."""
-    n_images, regions, dim = images.shape
+    n_images = images.shape[0]
     buffers = _Buffers(not grad and images.device.type == "cpu", images.device, compute_dtype)
     sims = images.new_zeros(n_images, captions.shape[0], dtype=compute_dtype)
     for i0 in range(0, n_images, image_tile):
         i1 = min(i0 + image_tile, n_images)
-        tile = _converted(images[i0:i1], gemm_dtype, buffers("tile", i1 - i0, regions, dim))
-        tile_c = tile.to(compute_dtype)  # [I, R, D]
-        region_gram = torch.bmm(tile_c, tile_c.transpose(1, 2),
-                                out=buffers("region_gram", i1 - i0, regions, regions))  # H
-        gram = buffers("gram_rows", i1 - i0, regions + 1, regions)  # [I, R+1, R]
-        if gram is None:
-            gram = torch.cat([region_gram, tile_c.new_ones(i1 - i0, 1, regions)], dim=1)
-        else:
-            gram[:, :regions].copy_(region_gram)
-            gram[:, regions].fill_(1.0)
-        flat_regions = tile.reshape((i1 - i0) * regions, dim)  # [I*R, D]
-        for chunk in chunks:
-            index, mask, real = chunk
-            n_chunk, n_words = mask.shape
-            flat_words = _chunk_words(captions, chunk, gemm_dtype, buffers).reshape(-1, dim)
-            word_sq = torch.linalg.vector_norm(flat_words, dim=1, dtype=compute_dtype).square()
-            raw = _token_scores(flat_regions, flat_words, grad,
-                                buffers("raw", flat_regions.shape[0], n_chunk * n_words))
-            raw = raw.to(compute_dtype).view(i1 - i0, regions, n_chunk * n_words)  # [I, R, C*n]
-            cosine = _attend(raw, gram, word_sq, n_words, lambda_softmax, not grad,
-                             buffers)  # [I, C*n]
-            cosine = cosine.view(i1 - i0, n_chunk, n_words)  # padded words: exactly 0 ...
-            if grad:  # ... but with a 1/(1e-8 Z) gradient, which half precision overflows
-                cosine = cosine.masked_fill(~mask, 0.0)
-            block = cosine.sum(dim=2) / real  # [I, C]
-            sims[i0:i1].index_copy_(1, index, block.to(compute_dtype))
+        _t2i_rows(images[i0:i1], captions, chunks, lambda_softmax, gemm_dtype, compute_dtype, grad, buffers,
+                  sims[i0:i1])
     return sims
+
+
+class _RecomputedScan(torch.autograd.Function):
+    """scan_similarity with recompute=True under autograd: the forward keeps only the
+    inputs; backward computes one tile at a time with autograd (RECOMPUTE_SCORES scores
+    per tile) and adds its gradients into the inputs' gradients."""
+
+    @staticmethod
+    def forward(ctx, images, captions, lengths, direction, lambda_softmax, image_tile, caption_tile):
+        ctx.save_for_backward(images, captions, lengths)
+        ctx.settings = (direction, lambda_softmax, image_tile, caption_tile)
+        return scan_similarity(images, captions, lengths, direction, lambda_softmax, image_tile, caption_tile)
+
+    @staticmethod
+    def backward(ctx, grad_sims):
+        images, captions, lengths = ctx.saved_tensors
+        direction, lambda_softmax, image_tile, caption_tile = ctx.settings
+        need_images, need_captions = ctx.needs_input_grad[:2]
+        kind = "cpu" if images.device.type == "cpu" else "cuda"
+        plan = _plan(images, captions, lengths, RECOMPUTE_SCORES[kind], CHUNK_TOKENS["cuda"], image_tile,
+                     caption_tile)
+        # the tiles' gradients add up in the compute dtype (fp32 for half inputs)
+        compute_dtype = _compute_dtype(images, captions)
+        grad_images = torch.zeros_like(images, dtype=compute_dtype) if need_images else None
+        grad_captions = torch.zeros_like(captions, dtype=compute_dtype) if need_captions else None
+        if plan is not None:
+            backward = _i2t_backward if direction == "i2t" else _t2i_backward
+            with torch.enable_grad(), torch.autocast(images.device.type, enabled=False):
+                backward(images.detach(), captions.detach(), *plan, lambda_softmax, grad_sims, grad_images,
+                         grad_captions)
+        return (grad_images.to(images.dtype) if need_images else None,
+                grad_captions.to(captions.dtype) if need_captions else None, None, None, None, None, None)
+
+
+def _tile_grads(output, grad_output, inputs: list) -> list:
+    """d(output . grad_output) / d(each input that requires grad); None for the others."""
+    wanted = [x for x in inputs if x.requires_grad]
+    grads = iter(torch.autograd.grad(output, wanted, grad_output) if wanted else ())
+    return [next(grads) if x.requires_grad else None for x in inputs]
+
+
+def _i2t_backward(images, captions, chunks, image_tile, lambda_softmax, grad_sims, grad_images, grad_captions):
+    """Per caption chunk: its words' graph (gather, Gram matrix) once; per image tile: the
+    tile's graph, differentiated and freed; the words' gradient at the end of the chunk."""
+    n_images, regions, dim = images.shape
+    gemm_dtype, compute_dtype = _dtypes(images, captions)
+    images_flat = images.reshape(n_images * regions, dim)
+    grad_images_flat = grad_images.view(n_images * regions, dim) if grad_images is not None else None
+    off = _Buffers(False, None, None)
+    grad_sims = grad_sims.to(compute_dtype)
+    for index, mask, _ in chunks:
+        n_words = mask.shape[1]
+        leaf = captions[:, :n_words].index_select(0, index).requires_grad_(grad_captions is not None)
+        words = leaf.to(gemm_dtype).masked_fill(~mask[:, :, None], 0.0)  # [C, n, D]
+        flat_words, gram = words.reshape(-1, dim), _word_gram(words, mask, compute_dtype)
+        chunk_inputs = [x.detach().requires_grad_(leaf.requires_grad) for x in (flat_words, gram)]
+        grad_words = torch.zeros_like(flat_words, dtype=compute_dtype)  # tiles summed in fp32 (half inputs)
+        grad_gram = torch.zeros_like(gram)
+        for i0 in range(0, n_images, image_tile):
+            i1 = min(i0 + image_tile, n_images)
+            rows = images_flat[i0 * regions:i1 * regions].requires_grad_(grad_images is not None)
+            block = _i2t_block(rows, *chunk_inputs, regions, lambda_softmax, gemm_dtype, compute_dtype, True, off)
+            g_rows, g_words, g_gram = _tile_grads(block, grad_sims[i0:i1].index_select(1, index),
+                                                  [rows, *chunk_inputs])
+            if g_rows is not None:
+                grad_images_flat[i0 * regions:i1 * regions] += g_rows.to(grad_images_flat.dtype)
+            if g_words is not None:
+                grad_words += g_words
+                grad_gram += g_gram
+            del block
+        if grad_captions is not None:
+            (g_leaf,) = torch.autograd.grad([flat_words, gram], [leaf],
+                                            [grad_words.to(flat_words.dtype), grad_gram])
+            grad_captions[:, :n_words].index_add_(0, index, g_leaf.to(grad_captions.dtype))
+
+
+def _t2i_backward(images, captions, chunks, image_tile, lambda_softmax, grad_sims, grad_images, grad_captions):
+    """Per image tile: its graph against every caption chunk, differentiated and freed."""
+    n_images = images.shape[0]
+    gemm_dtype, compute_dtype = _dtypes(images, captions)
+    off = _Buffers(False, None, None)
+    grad_sims = grad_sims.to(compute_dtype)
+    for i0 in range(0, n_images, image_tile):
+        i1 = min(i0 + image_tile, n_images)
+        tile = images[i0:i1].requires_grad_(grad_images is not None)
+        leaf = captions.detach().requires_grad_(grad_captions is not None)
+        rows = _t2i_rows(tile, leaf, chunks, lambda_softmax, gemm_dtype, compute_dtype, True, off,
+                         tile.new_zeros(i1 - i0, captions.shape[0], dtype=compute_dtype))
+        g_tile, g_captions = _tile_grads(rows, grad_sims[i0:i1], [tile, leaf])
+        if g_tile is not None:
+            grad_images[i0:i1] = g_tile
+        if g_captions is not None:
+            grad_captions += g_captions
+        del rows
 
 
 def scan_attention(image_tokens: torch.Tensor, caption_tokens: torch.Tensor, direction: str = "i2t",

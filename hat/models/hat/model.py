@@ -15,13 +15,16 @@ def _projection(in_features: int, out_features: int) -> nn.Linear:
 
 
 def summed_scores(image_features, caption_features, caption_lengths, direction: str = "i2t",
-                  lambda_softmax: float = 9.0, image_tile=None, caption_tile=None) -> torch.Tensor:
+                  lambda_softmax: float = 9.0, image_tile=None, caption_tile=None,
+                  recompute: bool = True) -> torch.Tensor:
     """HAT's score of encoded images and captions: the SCAN similarities of the levels
-    (per level [N_images, R, D] and [N_captions, L, D]) added up -> [N_images, N_captions]."""
+    (per level [N_images, R, D] and [N_captions, L, D]) added up -> [N_images, N_captions].
+    ``recompute``: memory-bounded scoring under autograd (see scan_similarity)."""
     total = None
     for images, captions in zip(image_features, caption_features):
         level = scan_similarity(images, captions, caption_lengths, direction=direction,
-                                lambda_softmax=lambda_softmax, image_tile=image_tile, caption_tile=caption_tile)
+                                lambda_softmax=lambda_softmax, image_tile=image_tile, caption_tile=caption_tile,
+                                recompute=recompute)
         total = level if total is None else total + level
     return total
 
@@ -36,7 +39,7 @@ class HAT(nn.Module):
     """
 
     def __init__(self, image_encoder: nn.Module, text_encoder: nn.Module, embed_dim: int = 768,
-                 lambda_softmax: float = 9.0, direction: str = "i2t"):
+                 lambda_softmax: float = 9.0, direction: str = "i2t", recompute_scores: bool = True):
         super().__init__()
         if len(image_encoder.channels) != len(text_encoder.layers):
             raise ValueError("image stages and text layers must pair up one to one")
@@ -48,6 +51,7 @@ class HAT(nn.Module):
         )
         self.lambda_softmax = float(lambda_softmax)
         self.direction = direction
+        self.recompute_scores = recompute_scores  # training: scoring memory bounded by one tile
 
     @property
     def num_levels(self) -> int:
@@ -67,7 +71,7 @@ class HAT(nn.Module):
               caption_tile=None) -> torch.Tensor:
         """Summed level scores [N_images, N_captions] of encoded images and captions."""
         return summed_scores(image_features, caption_features, caption_lengths, self.direction,
-                             self.lambda_softmax, image_tile, caption_tile)
+                             self.lambda_softmax, image_tile, caption_tile, self.recompute_scores)
 
     def forward(self, images, input_ids, attention_mask, gather=None) -> torch.Tensor:
         """Batch score matrix [B_images, B_captions] for training. ``gather(tensor,
@@ -100,7 +104,7 @@ def build_hat(image_backbone: str, text_backbone: str, level_pairs, embed_dim: i
               lambda_softmax: float = 9.0, direction: str = "i2t", image_size: int = 224,
               image_pretrained: bool = True, text_pretrained: bool = True,
               image_weights: str | None = None, image_backbone_kwargs: dict | None = None,
-              text_dropout: float | None = None) -> HAT:
+              text_dropout: float | None = None, recompute_scores: bool = True) -> HAT:
     """Factory: ``level_pairs`` is a list of (image stage, text layer), both 1-based.
 
     With image_pretrained/text_pretrained False nothing is downloaded or read: the
@@ -114,4 +118,4 @@ def build_hat(image_backbone: str, text_backbone: str, level_pairs, embed_dim: i
                                weights=image_weights if image_pretrained else None,
                                image_size=image_size, **(image_backbone_kwargs or {}))
     text_encoder = BertLayers(text_backbone, layers, pretrained=text_pretrained, dropout=text_dropout)
-    return HAT(image_encoder, text_encoder, embed_dim, lambda_softmax, direction)
+    return HAT(image_encoder, text_encoder, embed_dim, lambda_softmax, direction, recompute_scores)

@@ -30,6 +30,7 @@ def hat_config(model, demo_recipe):
         margin = 0.2  # VSE++ triplet margin
         vse_warmup_epochs = 0  # epochs summing over all negatives before the hardest negative
         same_image_mask = False  # True: captions of the same image in a batch are not negatives
+        recompute_scores = True  # training: score tiles recomputed in backward (memory of one tile, not B^2)
         per_gpu_batchsize = 58  # micro-batch per process (captions, each with its image)
         learning_rate = 1e-4  # Adam, no weight decay
         lr_step_epochs = 10  # StepLR step
@@ -98,6 +99,8 @@ class HATPlugin(ModelPlugin):
             fail("lambda_softmax", "a number > 0 (the SCAN softmax temperature)")
         if c["direction"] not in ("i2t", "t2i"):
             fail("direction", ["i2t", "t2i"])
+        if not isinstance(c["recompute_scores"], bool):
+            fail("recompute_scores", "True (score tiles recomputed in backward: bounded memory) or False")
         self.validate_test_keys(fail)
 
     def validate_test_keys(self, fail) -> None:
@@ -132,7 +135,7 @@ class HATPlugin(ModelPlugin):
             image_pretrained=c["image_pretrained"] and pretrained,
             text_pretrained=c["text_pretrained"] and pretrained, image_weights=c["image_weights"],
             image_backbone_kwargs={**swin_kwargs(c), **c["image_backbone_kwargs"]},
-            text_dropout=c["text_dropout"],
+            text_dropout=c["text_dropout"], recompute_scores=c["recompute_scores"],
         )
 
     @staticmethod

@@ -224,7 +224,8 @@ def test_float32_close_to_fp64_reference(direction):
 # --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("direction", DIRECTIONS)
 @pytest.mark.parametrize("tiles", [(None, None), (3, 5)])
-def test_gradients_match_reference(direction, tiles):
+@pytest.mark.parametrize("recompute", [True, False])
+def test_gradients_match_reference(direction, tiles, recompute):
     images, captions, lengths = make_inputs(7, 11, seed=9)
     weights = torch.randn(7, 11, generator=torch.Generator().manual_seed(99), dtype=torch.float64)
 
@@ -232,7 +233,7 @@ def test_gradients_match_reference(direction, tiles):
     cap_impl = captions.clone().requires_grad_(True)
     out = scan_similarity(
         img_impl, cap_impl, lengths, direction=direction,
-        image_tile=tiles[0], caption_tile=tiles[1],
+        image_tile=tiles[0], caption_tile=tiles[1], recompute=recompute,
     )
     (out * weights).sum().backward()
 
@@ -287,6 +288,94 @@ def test_default_tiles_with_small_budget_match_reference(direction, monkeypatch)
     ref_leaf = images.clone().requires_grad_(True)
     reference_similarity(ref_leaf, captions, lengths, direction).sum().backward()
     torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-6, atol=1e-9)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("tiles", [(None, None), (3, 5), (1, 1), (4, 7), (2, 3)])
+def test_recomputed_scores_and_gradients_match_reference(direction, tiles, monkeypatch):
+    # memory-bounded scoring under autograd: every length, padded captions, odd tiles, and
+    # a tiny recompute budget so that the default tiles of backward are many
+    import hat.models.hat.alignment as alignment
+    monkeypatch.setitem(alignment.RECOMPUTE_SCORES, "cpu", 300)
+    images, captions, lengths = make_inputs(7, len(ALL_LENGTHS), seed=22, lengths=ALL_LENGTHS)
+    perm = torch.randperm(len(ALL_LENGTHS), generator=torch.Generator().manual_seed(1))
+    captions, lengths = captions[perm], lengths[perm]
+    weights = torch.randn(7, len(ALL_LENGTHS), generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    leaves = [images.clone().requires_grad_(True), captions.clone().requires_grad_(True)]
+    out = scan_similarity(*leaves, lengths, direction=direction, image_tile=tiles[0], caption_tile=tiles[1],
+                          recompute=True)
+    (out * weights).sum().backward()
+    ref_leaves = [images.clone().requires_grad_(True), captions.clone().requires_grad_(True)]
+    ref = reference_similarity(*ref_leaves, lengths, direction)
+    (ref * weights).sum().backward()
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-9)
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        torch.testing.assert_close(leaf.grad, ref_leaf.grad, rtol=1e-5, atol=1e-9)
+    pad = pad_mask(lengths)
+    assert torch.count_nonzero(leaves[1].grad[pad]) == 0  # padding gets no gradient
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+@pytest.mark.parametrize("needs", ["images", "captions"])
+def test_recomputed_gradients_when_one_side_is_frozen(direction, needs):
+    images, captions, lengths = make_inputs(5, 9, seed=23)
+    grads = []
+    for recompute in (True, False):
+        leaves = [images.clone().requires_grad_(needs == "images"),
+                  captions.clone().requires_grad_(needs == "captions")]
+        out = scan_similarity(*leaves, lengths, direction=direction, image_tile=2, recompute=recompute)
+        out.square().sum().backward()
+        grads.append([leaf.grad for leaf in leaves])
+    assert [g is None for g in grads[0]] == [g is None for g in grads[1]] == [needs != "images", needs != "captions"]
+    for mine, kept in zip(*grads):
+        if mine is not None:
+            torch.testing.assert_close(mine, kept, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_recompute_with_half_precision_inputs(direction):
+    # features under autocast are bf16/fp16: fp32 scores, gradients in the inputs' dtype,
+    # within bf16's precision of the fp64 reference on the same (rounded) values
+    images, captions, lengths = make_inputs(5, 9, seed=25)
+    images, captions = images.to(torch.bfloat16), captions.to(torch.bfloat16)
+    leaves = [images.clone().requires_grad_(True), captions.clone().requires_grad_(True)]
+    out = scan_similarity(*leaves, lengths, direction=direction, image_tile=2, recompute=True)
+    out.square().sum().backward()
+    ref_leaves = [images.double().requires_grad_(True), captions.double().requires_grad_(True)]
+    ref = reference_similarity(*ref_leaves, lengths, direction)
+    ref.square().sum().backward()
+    assert out.dtype == torch.float32 and leaves[0].grad.dtype == leaves[1].grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref.detach(), rtol=1e-5, atol=1e-6)
+    for leaf, ref_leaf in zip(leaves, ref_leaves):
+        scale = float(ref_leaf.grad.abs().max())
+        torch.testing.assert_close(leaf.grad.double(), ref_leaf.grad, rtol=1e-2, atol=1e-2 * scale)
+
+
+@pytest.mark.parametrize("direction", DIRECTIONS)
+def test_recompute_keeps_only_the_inputs_for_backward(direction):
+    # what autograd saves for backward while the scores are computed: with recompute the
+    # inputs (and the lengths), whatever the number of tiles; without, every tile's
+    # intermediates, growing with the tiles scored
+    images, captions, lengths = make_inputs(12, 20, seed=24)
+
+    def saved_bytes(recompute, n_images):
+        saved = []
+
+        def pack(tensor):
+            saved.append(tensor.untyped_storage().nbytes() if tensor.device.type == "cpu" else 0)
+            return tensor
+
+        leaves = [images[:n_images].clone().requires_grad_(True), captions.clone().requires_grad_(True)]
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            scan_similarity(*leaves, lengths, direction=direction, image_tile=2, caption_tile=5,
+                            recompute=recompute)
+        return sum(saved)
+
+    for n_images in (6, 12):
+        inputs = images[:n_images].nbytes + captions.nbytes
+        assert 0 < saved_bytes(True, n_images) <= inputs + lengths.nbytes
+    kept_6, kept_12 = saved_bytes(False, 6), saved_bytes(False, 12)
+    assert kept_12 > 1.8 * kept_6 and kept_12 > 5 * (images.nbytes + captions.nbytes)
 
 
 def test_caption_chunks_follow_token_budget():
