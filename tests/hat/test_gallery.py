@@ -1,5 +1,6 @@
 """gallery.html, retrievals.json, curves.png and TensorBoard events of real tiny demo runs,
 checked against score matrices and SCAN weights recomputed here."""
+import functools
 import json
 import math
 import os
@@ -84,8 +85,10 @@ def image_rank(sims, i):
     return 1 + sum(1 for c in range(len(row)) if c // 5 != i and row[c] >= best)
 
 
+@functools.lru_cache(maxsize=None)
 def recomputed(checkpoint, data_root):
-    """The test split's score matrix recomputed through hat.load_model (float64 numpy)."""
+    """The test split's score matrix recomputed through hat.load_model (float64 numpy;
+    computed once per checkpoint: the tests only read it)."""
     from datamodules import open_split
 
     retriever = hat.load_model(checkpoint)
