@@ -35,7 +35,7 @@ from datamodules.transforms import build_transform, view_transform
 from hat import checks
 from hat.backbones import BackboneError, load_tokenizer
 from hat.checkpoint import CheckpointError, load_model_weights, recorded_config
-from hat.curves import ScalarLog, plot_curves, tensorboard_folder
+from hat.curves import ScalarLog, curves_title, plot_curves, tensorboard_folder
 from hat.defaults import default_config
 from hat.distributed import broadcast_from_main, init_distributed, is_main_process, world
 from hat.evaluation import METRIC_KEYS, EvalData, NonFiniteScores, format_table
@@ -248,7 +248,7 @@ def train_and_test(c, _run, signals) -> dict:
                            log, _run.info, c, resume_path)]
         if is_main_process():
             curves = plot_curves(log.series, os.path.join(run_dir or out_dir, "curves.png"),
-                                 f"{c['model']} {c['dataset']} run {_run._id or ''}".strip())
+                                 curves_title(c["model"], c["dataset"], _run._id))
             print(f"training curves: {curves}", flush=True)
 
     what = checkpoints[0] if len(checkpoints) == 1 else f"ensemble of {len(checkpoints)}"

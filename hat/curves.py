@@ -5,8 +5,9 @@ The runner logs every scalar through Sacred (``metrics.json`` of the run folder)
 ``train.step_*`` every ``log_every_steps`` optimizer steps, ``test.*`` once. `plot_curves`
 draws them (matplotlib, no display needed): the run writes ``curves.png`` at the end of
 training, and ``python -m hat.runs curves RUN_FOLDER`` draws it for any run folder.
-`ScalarLog` keeps the scalars for that and mirrors them into TensorBoard (``tensorboard=True``) under the same
-names with "/" for "." (``train/loss``, ``val/rsum``), through torch's SummaryWriter.
+`ScalarLog` keeps the scalars for that and mirrors them into TensorBoard
+(``tensorboard=True``) under the same names with "/" for "." (``train/loss``,
+``val/rsum``), through torch's SummaryWriter.
 """
 from __future__ import annotations
 
@@ -85,6 +86,12 @@ def _lines(axes, series: dict, title: str, xlabel: str, prefix: str, empty: str 
     axes.legend(fontsize=8)
 
 
+def curves_title(model, dataset, run_id) -> str:
+    """The figure's title: "<model> <dataset> run <id>" (parts that are unknown left out)."""
+    return " ".join(str(part) for part in (model, dataset, f"run {run_id}" if run_id is not None else None)
+                    if part)
+
+
 def curves_of_run(run_folder: str, path: str | None = None) -> str:
     """curves.png of a run folder (``path``: elsewhere) from its metrics.json -> the path."""
     metrics = read_metrics(run_folder)
@@ -94,8 +101,7 @@ def curves_of_run(run_folder: str, path: str | None = None) -> str:
             config = json.load(handle)
     except (OSError, ValueError):
         pass
-    title = " ".join(str(part) for part in (config.get("model"), config.get("dataset"),
-                                             f"run {os.path.basename(os.path.abspath(run_folder))}") if part)
+    title = curves_title(config.get("model"), config.get("dataset"), os.path.basename(os.path.abspath(run_folder)))
     return plot_curves(metrics, path or os.path.join(run_folder, "curves.png"), title)
 
 

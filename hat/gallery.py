@@ -136,12 +136,24 @@ def _keys(image_ids: list[str]) -> list[str]:
     return keys
 
 
-def retrievals(view: SplitView, i2t: torch.Tensor, t2i: torch.Tensor, k: int = JSON_K) -> dict:
+class Ranked:
+    """Every query of the split ranked once, both directions: the ground truth's 0-based
+    rank (the recall protocol's) and the top ``k`` results with their scores. The page's
+    top 5 are the first 5 of these (the sort is stable)."""
+
+    def __init__(self, view: SplitView, i2t: torch.Tensor, t2i: torch.Tensor, k: int = JSON_K):
+        self.k = k
+        self.i2t_ranks = retrieval_ranks(i2t, view.caption_to_image)[0].cpu()  # [N_images]
+        self.t2i_ranks = retrieval_ranks(t2i, view.caption_to_image)[1].cpu()  # [N_captions]
+        self.image_top, self.image_scores = top_results(i2t, k)  # [N_images, k] captions
+        self.caption_top, self.caption_scores = top_results(t2i.t(), k)  # [N_captions, k] images
+
+
+def retrievals(view: SplitView, ranked: Ranked) -> dict:
     """The content of retrievals.json (see the module docstring)."""
-    i2t_ranks = retrieval_ranks(i2t, view.caption_to_image)[0].cpu()
-    t2i_ranks = retrieval_ranks(t2i, view.caption_to_image)[1].cpu()
-    image_top, image_scores = top_results(i2t, k)  # [N_images, k] captions
-    caption_top, caption_scores = top_results(t2i.t(), k)  # [N_captions, k] images
+    k, i2t_ranks, t2i_ranks = ranked.k, ranked.i2t_ranks, ranked.t2i_ranks
+    image_top, image_scores = ranked.image_top, ranked.image_scores
+    caption_top, caption_scores = ranked.caption_top, ranked.caption_scores
     keys = _keys(view.image_ids)
     ground_truth = [[] for _ in keys]
     for caption, image in enumerate(view.caption_to_image.tolist()):
@@ -175,19 +187,17 @@ def _stage_ranks(matrix: torch.Tensor, rows: list[int], axis: str) -> dict:
     return ranks
 
 
-def gallery_data(plugin, model, data, scores: dict, device, n_queries: int = 20, seed: int = 0,
-                 view_transform=None, n_attention: int = 3) -> dict:
+def gallery_data(plugin, model, view: SplitView, ranked: Ranked, scores: dict, device, n_queries: int = 20,
+                 seed: int = 0, n_attention: int = 3) -> dict:
     """Everything the page shows (no HTML, no images): the sampled queries with their top
     results, other stages' ranks, and the attention maps of the model's plug-in."""
-    view = SplitView(data)
-    i2t, t2i = scores["i2t"], scores["t2i"]
-    i2t_ranks = retrieval_ranks(i2t, view.caption_to_image)[0].cpu()
-    t2i_ranks = retrieval_ranks(t2i, view.caption_to_image)[1].cpu()
+    i2t_ranks, t2i_ranks = ranked.i2t_ranks, ranked.t2i_ranks
     stages = {label: scores[key] for key, label in plugin.stage_labels.items() if key in scores}
     caption_queries = sample_queries(t2i_ranks, n_queries, seed)
     image_queries = sample_queries(i2t_ranks, n_queries, seed + 1)
-    caption_top, caption_scores = top_results(t2i.t()[caption_queries], SHOWN)
-    image_top, image_scores = top_results(i2t[image_queries], SHOWN)
+    caption_top = ranked.caption_top[caption_queries, :SHOWN]
+    caption_scores = ranked.caption_scores[caption_queries, :SHOWN]
+    image_top, image_scores = ranked.image_top[image_queries, :SHOWN], ranked.image_scores[image_queries, :SHOWN]
     stage_ranks = {label: (_stage_ranks(m, caption_queries, "t2i"), _stage_ranks(m, image_queries, "i2t"))
                    for label, m in stages.items()}
 
@@ -212,11 +222,10 @@ def gallery_data(plugin, model, data, scores: dict, device, n_queries: int = 20,
         images.append({"image_index": image, "image_id": view.image_ids[image],
                        "gt_rank": int(i2t_ranks[image]) + 1, "results": results})
     return {"captions": captions, "images": images, "stages": list(stages),
-            "attention": attention_pairs(plugin, model, view, captions, device, n_attention, view_transform)}
+            "attention": attention_pairs(plugin, model, view, captions, device, n_attention)}
 
 
-def attention_pairs(plugin, model, view: SplitView, captions: list[dict], device, n_pairs: int,
-                    view_transform=None) -> list[dict]:
+def attention_pairs(plugin, model, view: SplitView, captions: list[dict], device, n_pairs: int) -> list[dict]:
     """The plug-in's attention maps for up to ``n_pairs`` (caption, its top image) pairs of
     the sampled captions: successes first, then a failure (when there is one)."""
     successes = [q for q in captions if q["gt_rank"] == 1]
@@ -367,10 +376,11 @@ def write_gallery(out_dir: str, plugin, model, data, scores: dict, device, title
                   n_queries: int = 20, seed: int = 0, view_transform=None) -> dict:
     """Write gallery.html and retrievals.json into ``out_dir`` (each atomically) ->
     {"gallery": path, "retrievals": path}."""
-    content = retrievals(SplitView(data), scores["i2t"], scores["t2i"])
-    content = {"title": title, **content}
-    page = render_html(gallery_data(plugin, model, data, scores, device, n_queries, seed, view_transform),
-                       data.images.dataset.split, title, metrics, view_transform)
+    view = SplitView(data)
+    ranked = Ranked(view, scores["i2t"], scores["t2i"])
+    content = {"title": title, **retrievals(view, ranked)}
+    page = render_html(gallery_data(plugin, model, view, ranked, scores, device, n_queries, seed),
+                       view.split, title, metrics, view_transform)
     paths = {"gallery": os.path.join(out_dir, "gallery.html"),
              "retrievals": os.path.join(out_dir, "retrievals.json")}
     with atomic_file(paths["retrievals"], "w") as handle:
