@@ -56,17 +56,16 @@ def current_rss_gb() -> float:
 
 
 def scoring_inputs(batch, dim, seed, device, dtype=torch.float32):
-    """Per level images [B, R, D] and captions [B, 32, D] (padding zero), lengths [B] in 8..32."""
-    from similarity import make_gallery
-
-    images, captions, lengths = [], [], None
-    for level, regions in enumerate(LEVEL_REGIONS):
-        level_images, level_captions, level_lengths = make_gallery(batch, batch, regions, dim, 8, 32,
-                                                                   seed + level, device, dtype)
-        lengths = level_lengths if lengths is None else lengths
-        pad = torch.arange(32, device=device)[None, :] >= lengths[:, None]
-        images.append(level_images.requires_grad_(True))
-        captions.append(level_captions.masked_fill_(pad[:, :, None], 0.0).requires_grad_(True))
+    """Per level images [B, R, D] and captions [B, 32, D]; one caption length per caption
+    (8..32, the same at every level, as a text encoder's layers give); padding zero."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    lengths = torch.randint(8, 33, (batch,), generator=g, device=device)
+    pad = torch.arange(32, device=device)[None, :] >= lengths[:, None]
+    images, captions = [], []
+    for regions in LEVEL_REGIONS:
+        images.append(torch.randn(batch, regions, dim, generator=g, device=device, dtype=dtype).requires_grad_(True))
+        words = torch.randn(batch, 32, dim, generator=g, device=device, dtype=dtype)
+        captions.append(words.masked_fill_(pad[:, :, None], 0.0).requires_grad_(True))
     return images, captions, lengths
 
 
@@ -111,7 +110,8 @@ def scoring_worker(args) -> dict:
         peak = rss_gb() - base
     grads = [t.grad.double() for t in images + captions]  # after the peak is read (copies)
     return {"time": min(times), "peak_gb": peak, "loss": loss_value,
-            "grad_norm": float(sum(g.square().sum() for g in grads) ** 0.5), "grad_sum": float(sum(g.sum() for g in grads))}
+            "grad_norm": float(sum(g.square().sum() for g in grads) ** 0.5),
+            "grad_sum": float(sum(g.sum() for g in grads))}
 
 
 def run_worker(args, **overrides) -> dict:
