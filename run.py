@@ -124,7 +124,7 @@ def check_and_observe(config, command_name, logger):
             updates.update(recorded_updates(config))
             config = {**config, **updates}
             validate_config(config)
-        except (UsageError, ConfigProblem) as error:  # before any work: one line, exit status 2
+        except (UsageError, ConfigProblem, CheckpointError) as error:  # before any work: one line, exit status 2
             print(f"ConfigError: {error}", file=sys.stderr)
             sys.exit(2)
         file_observer = any(isinstance(o, FileStorageObserver) for o in ex.observers) or COMMAND_LINE.get(
@@ -179,16 +179,39 @@ def gallery(_config, _run):
 
 
 def guarded(c, _run) -> dict:
-    """train_and_test with its problems as one-line errors and signals as INTERRUPTED."""
+    """train_and_test with its problems as one-line errors and signals as INTERRUPTED;
+    either way the run's record keeps the end of its output and the message."""
     for note in NOTES:
         print(note, flush=True)
     with StopSignals() as signals:
         try:
             return train_and_test(c, _run, signals)
         except (DataError, CheckpointError, BackboneError, ConfigProblem, TrainingFailed) as error:
-            raise UsageError(str(error)) from None
+            raise record_end(_run, UsageError(str(error))) from None
         except StopRequested as error:
-            raise TrainingInterrupted(str(error)) from None
+            raise record_end(_run, TrainingInterrupted(str(error))) from None
+        except BaseException:
+            record_end(_run)
+            raise
+
+
+def record_end(_run, error: BaseException | None = None):
+    """Sacred closes a run's captured output before it reports a failure or an interrupt,
+    so cout.txt would lack what was printed since the last heartbeat (everything, for a
+    run shorter than one) and the error line Sacred prints after it. Collect that output
+    now, append the error line, and keep the message in run.json (``message``) for the
+    observers to write; returns ``error``."""
+    try:
+        _run._get_captured_output()  # Sacred has no public call for "collect the output so far"
+    except (AttributeError, ValueError, OSError):
+        pass
+    if error is not None:
+        line = f"{type(error).__name__}: {error}"
+        _run.captured_out = (_run.captured_out or "") + line + "\n"
+        for observer in _run.observers:
+            if isinstance(getattr(observer, "run_entry", None), dict):
+                observer.run_entry["message"] = line
+    return error
 
 
 def train_and_test(c, _run, signals) -> dict:
@@ -243,6 +266,7 @@ def train_and_test(c, _run, signals) -> dict:
             _run.info["initialized_from"] = {"checkpoint": os.path.abspath(c["checkpoint"]), **loaded}
             print(f"initialised the model from checkpoint={c['checkpoint']} ({loaded['format']})", flush=True)
         val_data = split_data("val")
+        checks.check_split_images(data_root, c["dataset"], ("train", "val", "test"), c["verify_val_images"])
         checkpoints = [fit(plugin, model, train_data, loader, device, settings, out_dir, signals,
                            lambda: plugin.evaluate(model, val_data, device, EvalOptions(split="val")),
                            log, _run.info, c, resume_path)]

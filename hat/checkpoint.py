@@ -125,8 +125,27 @@ def recorded_config(path: str) -> dict | None:
     except Exception:
         return None
     if isinstance(state, dict) and state.get("format") == FORMAT:
-        return dict(state.get("config") or {})
+        config = state.get("config") or {}
+        if not isinstance(config, dict):
+            raise CheckpointError(f"checkpoint={path} is a {FORMAT} checkpoint whose 'config' is a "
+                                  f"{type(config).__name__}, not a dict: the file was not written by this "
+                                  f"toolkit's save_checkpoint; use a checkpoint a run wrote")
+        return dict(config)
     return None
+
+
+def check_project_layout(state: dict, path: str) -> dict:
+    """``state`` (a project checkpoint's contents) if its ``model`` is a state dict and its
+    ``config`` a dict; else a one-line CheckpointError (a dict edited or assembled by hand)."""
+    for key, kind in (("model", "a state dict of tensors"), ("config", "a dict")):
+        value = state.get(key, {} if key == "config" else None)
+        if not isinstance(value, dict) or (key == "model" and not all(
+                isinstance(tensor, torch.Tensor) for tensor in value.values())):
+            found = "no" if value is None else f"a {type(value).__name__} as its"
+            raise CheckpointError(f"checkpoint={path} is a {FORMAT} checkpoint with {found} '{key}' "
+                                  f"(it must be {kind}): the file was not written by this toolkit's "
+                                  f"save_checkpoint; use a checkpoint a run wrote")
+    return state
 
 
 def load_checkpoint(path: str, map_location="cpu") -> dict:
@@ -134,14 +153,19 @@ def load_checkpoint(path: str, map_location="cpu") -> dict:
     state = read_checkpoint_file(path, map_location)
     if not isinstance(state, dict) or state.get("format") != FORMAT:
         raise CheckpointError(f"checkpoint={path} is not a {FORMAT} checkpoint")
-    return state
+    return check_project_layout(state, path)
+
+
+def non_finite_parameters(model) -> list[str]:
+    """The names of ``model``'s floating-point parameters that hold NaN or inf."""
+    return [name for name, param in model.named_parameters()
+            if param.is_floating_point() and not bool(torch.isfinite(param).all())]
 
 
 def check_finite_parameters(model, path: str) -> None:
     """Refuse a model whose loaded parameters hold NaN or infinite values (a run that
     diverged, a corrupted file): its scores would be meaningless."""
-    bad = [name for name, param in model.named_parameters()
-           if param.is_floating_point() and not bool(torch.isfinite(param).all())]
+    bad = non_finite_parameters(model)
     if bad:
         raise CheckpointError(f"checkpoint={path} holds NaN/infinite weights in {len(bad)} "
                               f"parameter(s) (first: {bad[0]}): the run that wrote it diverged or "
@@ -176,6 +200,7 @@ def load_model_weights(model, path: str, state=None) -> dict:
     caller has read them already (`read_checkpoint_file`)."""
     state = read_checkpoint_file(path) if state is None else state
     if isinstance(state, dict) and state.get("format") == FORMAT:
+        check_project_layout(state, path)
         try:
             missing, unexpected = model.load_state_dict(state["model"], strict=False)
         except RuntimeError as error:  # shape mismatch

@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import torch
 
-from datamodules import DataError, check_data_root
+from datamodules import DataError, check_data_root, open_split
 from datamodules.arrow import SPLIT_FILES, fewest_captions
 from datamodules.demo import CAPTIONS_PER_IMAGE as DEMO_CAPTIONS
 from datamodules.transforms import TRANSFORM_NAMES
@@ -17,8 +18,24 @@ from hat.checkpoint import describe_error
 from hat.distributed import world
 from hat.evaluation import METRIC_KEYS
 from hat.plugins import ConfigProblem, get_plugin, model_names
+from hat.rules import check_rules, integer, number
 
 PRECISIONS = ["fp16", "bf16", "fp32"]
+
+
+# the runner's numeric keys (each model's own are its plug-in's ``key_rules``)
+RUNNER_RULES = {
+    "seed": integer(why="seeds python, numpy and torch"),
+    "num_workers": integer(0, why="data loader processes; 0 loads in the main process"),
+    "image_size": integer(1, why="the input resolution in pixels"),
+    "demo_train_images": integer(1), "demo_eval_images": integer(1),
+    "per_gpu_batchsize": integer(1), "max_epoch": integer(1), "eval_batch_size": integer(1),
+    "embed_dim": integer(1),
+    "max_text_len": integer(3, why="tokens with [CLS] and [SEP]: 3 keeps one word piece"),
+    "checkpoint_every_steps": integer(0, why="0: last.ckpt at the end of each epoch only"),
+    "log_every_steps": integer(0, why="0: per-epoch metrics only"),
+    "learning_rate": number(at_least=0, why="0 keeps the weights as they are"),
+}
 
 
 def validate_config(config) -> None:
@@ -34,9 +51,7 @@ def validate_config(config) -> None:
         fail("precision", f"{PRECISIONS} or 'auto' (the model's choice on CUDA, fp32 on the CPU)")
     if not config["select_metric"] or any(k not in METRIC_KEYS for k in config["select_metric"]):
         fail("select_metric", f"a list of {list(METRIC_KEYS)}")
-    for key in ("per_gpu_batchsize", "max_epoch", "max_text_len", "eval_batch_size", "embed_dim"):
-        if key in config and (not isinstance(config[key], int) or config[key] < 1):
-            fail(key, "a positive integer")
+    check_rules(config, RUNNER_RULES, fail)
     validate_batch(config, fail)
     if config["captions_per_image"] is not None and (not isinstance(config["captions_per_image"], int)
                                                      or config["captions_per_image"] < 1):
@@ -49,6 +64,7 @@ def validate_config(config) -> None:
         fail("precision", f"['fp32'] with model={config['model']} on the CPU (fp16/bf16 autocast is for CUDA; "
                           f"precision=auto runs fp32 here)")
     plugin = get_plugin(config["model"])(config)
+    check_rules(config, plugin.key_rules, fail)
     plugin.validate(fail)
     text_tokens = text_limits(config["text_backbone"])[1]
     if text_tokens and config["max_text_len"] > text_tokens:
@@ -74,6 +90,8 @@ def validate_config(config) -> None:
     validate_caption_count(config, splits[1:] if len(splits) > 1 else splits)
     if not isinstance(config["n_queries"], int) or isinstance(config["n_queries"], bool) or config["n_queries"] < 0:
         fail("n_queries", "a non-negative integer (the gallery's sample captions and images)")
+    if config["verify_val_images"] not in (None, True, False):
+        fail("verify_val_images", "None (when the val split has at most 2000 images), True or False")
     if not isinstance(config["tensorboard"], (bool, str)):
         fail("tensorboard", "False, True (the run's folder/tensorboard) or a directory")
     writable = ["observer_dir"] + ([] if config["test_only"] else ["checkpoint_dir"]) + ["gallery_dir"]
@@ -129,8 +147,6 @@ def validate_device(name, fail) -> None:
 def validate_caption_count(config, splits) -> None:
     """captions_per_image against the evaluated splits' fewest captions per image."""
     wanted = config["captions_per_image"]
-    if wanted is None:
-        return
     if config["dataset"] == "demo":
         fewest = [(DEMO_CAPTIONS, "every demo image")]
     else:
@@ -140,9 +156,35 @@ def validate_caption_count(config, splits) -> None:
             return
         fewest = [(count, f"image {image_id} in {path}") for count, image_id, path in filter(None, found)]
     for count, where in fewest:
-        if count < wanted:
+        if count == 0:
+            raise ConfigProblem(f"{where} has no caption: every image of a val/test split needs at least one "
+                                f"(its captions are what image->text retrieval ranks); write that split again "
+                                f"without it, or with its captions")
+        if wanted is not None and count < wanted:
             raise ConfigProblem(f"captions_per_image={wanted} is not valid: {where} has {count} caption(s); "
                                 f"set captions_per_image={count} or None (every caption)")
+
+
+VERIFY_AT_MOST = 2000  # verify_val_images=None decodes every val image of splits this small
+
+
+def check_split_images(data_root: str, dataset: str, splits, verify_val=None) -> None:
+    """Before the first training step: open every split and decode its first image, and
+    every image of the val split when ``verify_val`` is True (None: when it has at most
+    VERIFY_AT_MOST images); a bad image would otherwise end the run after an epoch.
+    Raises DataError naming the image and its file."""
+    for split in splits:
+        data = open_split(data_root, dataset, split)
+        if len(data) == 0:
+            raise DataError(f"the {split} split of dataset={dataset} in data_root={data_root} has no images; "
+                            f"write its arrow file again (prepare_data)")
+        every = split == "val" and (verify_val or (verify_val is None and len(data) <= VERIFY_AT_MOST))
+        start = time.time()
+        for index in range(len(data)) if every else (0,):
+            data.image(index)
+        if every:
+            print(f"checked the {len(data)} images of the val split ({time.time() - start:.1f} s; "
+                  f"verify_val_images=False skips it)", flush=True)
 
 
 def check_writable(key: str, folder: str) -> None:
@@ -176,7 +218,7 @@ def resolve_precision(config) -> str:
 # keys that say where a run went or how it was watched, never what a checkpoint is
 RUN_KEYS = ("test_only", "checkpoint", "data_root", "raw_root", "skip_missing_images", "observer_dir",
             "checkpoint_dir", "resume", "resume_from", "device", "progress", "num_workers", "seed", "gallery",
-            "n_queries", "gallery_dir", "tensorboard")
+            "n_queries", "gallery_dir", "tensorboard", "verify_val_images")
 
 
 def checkpoint_config_updates(config: dict, recorded: dict, given: set) -> tuple[dict, list[str]]:

@@ -25,6 +25,7 @@ def runner_defaults():
     num_workers = 8  # data loader processes
     demo_train_images = 2000  # dataset=demo only: training images generated
     demo_eval_images = 200  # dataset=demo only: val and test images generated (each)
+    verify_val_images = None  # before training, decode every val image (None: when the split has <= 2000)
 
     per_gpu_batchsize = 32  # micro-batch each process runs
     batch_size = None  # global batch of one optimizer step; None: per_gpu_batchsize x processes

@@ -319,21 +319,33 @@ def eval_mode(model):
 
 
 def file_identity(path: str) -> str:
-    """A file's absolute path, size and modification time: what a cache key needs to
-    notice that the file was replaced or rewritten."""
+    """A file's absolute path, size and modification time: how the file looks, not what
+    it holds (the feature cache keys by content, `hat.fingerprint`)."""
     stat = os.stat(path)
     return f"{os.path.abspath(path)}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
+FINGERPRINT_MEMO = "fingerprints.json"  # in the cache folder: content digests of the key's files
+_PENDING_MEMOS: dict = {}  # cache path -> its digest memo, saved by cached_features
+
+
 def feature_cache_path(cache_dir: str, checkpoint: str, split: str, extra=(), data_files=()) -> str:
-    """Cache file for the features of ``checkpoint`` on ``split``: keyed by the identity
-    (`file_identity`) of the checkpoint and of ``data_files`` (the split's arrow files),
-    the split and ``extra`` (anything else that changes the features: dataset, image
-    size, max_text_len, feature dtype)."""
-    key = "|".join([file_identity(checkpoint), split, *map(file_identity, data_files), *map(str, extra)])
+    """Cache file for the features of ``checkpoint`` on ``split``: keyed by the content
+    digest (`hat.fingerprint`) of the checkpoint and of ``data_files`` (the split's arrow
+    files), the split and ``extra`` (anything else that changes the features: dataset,
+    image size, max_text_len, architecture, feature dtype). The digests are memoised in
+    ``cache_dir``/fingerprints.json, so unchanged files are hashed once; the memo is
+    written by `cached_features` when it reads or writes the returned path (a run that
+    stops before leaves the folder as it was)."""
+    from hat.fingerprint import FingerprintMemo
+
+    memo = FingerprintMemo(os.path.join(cache_dir, FINGERPRINT_MEMO))
+    key = "|".join([memo.digest(checkpoint), split, *map(memo.digest, data_files), *map(str, extra)])
     digest = hashlib.sha1(key.encode()).hexdigest()[:16]
     stem = os.path.splitext(os.path.basename(checkpoint))[0]
-    return os.path.join(cache_dir, f"{stem}-{split}-{digest}.features.pt")
+    path = os.path.join(cache_dir, f"{stem}-{split}-{digest}.features.pt")
+    _PENDING_MEMOS[path] = memo
+    return path
 
 
 def save_features(path: str, features: dict) -> str:
@@ -381,24 +393,45 @@ def _checked_cache(cache_path: str, n_images: int | None, n_captions: int | None
     return features
 
 
+def _counts(features: dict) -> str:
+    return f"features of {len(features['images'][0])} images / {len(features['lengths'])} captions"
+
+
 def cached_features(model, image_loader, caption_loader, device, dtype=None,
                     cache_path: str | None = None) -> dict:
-    """`encode_features`, read from / written to ``cache_path`` when one is given. Under
+    """`encode_features`, read from / written to ``cache_path`` when one is given (one
+    line says which), and then the digest memo of a path from `feature_cache_path`. Under
     torchrun rank 0 decides whether the cache is used (so every rank encodes, or none)
-    and rank 0 alone writes it."""
+    and rank 0 alone writes it and the memo. A cache that cannot be written
+    (full disk, read-only folder) is a one-line warning: the features are returned as
+    encoded, and the atomic write leaves no partial file."""
+    main = active_world()[0] == 0
+    memo = _PENDING_MEMOS.pop(cache_path, None) if cache_path else None
     if cache_path:
-        main = active_world()[0] == 0
         cached = (_checked_cache(cache_path, _dataset_size(image_loader), _dataset_size(caption_loader))
                   if main else None)
         if broadcast_from_main(cached is not None):
+            if main:
+                print(f"feature_cache: read {_counts(cached)} from {cache_path}", flush=True)
+                if memo is not None:
+                    memo.save()
             cached = cached if main else load_features(cache_path, "cpu")
             dtype = dtype or default_feature_dtype(device)
             return {"images": [f.to(device, dtype) for f in cached["images"]],
                     "captions": [f.to(device, dtype) for f in cached["captions"]],
                     "lengths": cached["lengths"].to(device)}
     features = encode_features(model, image_loader, caption_loader, device, dtype)
-    if cache_path and active_world()[0] == 0:
-        save_features(cache_path, features)
+    if cache_path and main:
+        try:
+            save_features(cache_path, features)
+        except (OSError, RuntimeError) as error:  # the cache is optional: score without it
+            reason = " ".join(f"{error.__class__.__name__}: {error}".split())
+            print(f"feature_cache: cannot write {cache_path} ({reason}); scored without caching: "
+                  f"free disk space or set feature_cache= to a writable folder", flush=True)
+        else:
+            print(f"feature_cache: wrote {_counts(features)} to {cache_path}", flush=True)
+            if memo is not None:
+                memo.save()
     return features
 
 

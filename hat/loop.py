@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hat.checkpoint import load_training_state, save_checkpoint
+from hat.checkpoint import load_training_state, non_finite_parameters, save_checkpoint
 from hat.distributed import barrier, gather_padded, is_main_process, world
 from hat.evaluation import NonFiniteScores
 
@@ -32,8 +32,10 @@ class NonFiniteLoss(FloatingPointError):
     """The loss became NaN or infinite."""
 
 
-class StopRequested(Exception):
-    """A stop signal ended the run where it was safe to (see `StopSignals`)."""
+class StopRequested(BaseException):
+    """A stop signal ended the run where it was safe to (see `StopSignals`). Like
+    KeyboardInterrupt it is no `Exception`, so no ``except Exception`` on the way (reading
+    a checkpoint, loading a backbone) can mistake a stop for a broken file."""
 
 
 class TrainingFailed(Exception):
@@ -169,16 +171,34 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
     # loss_sums: the other losses the plug-in reports, summed over the epoch's steps
     progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "loss_sums": {}, "skipped": 0, "best_score": None}
 
+    taken = 0  # optimizer steps this process has run
+    # checkpoint path -> optimizer steps taken when it was written: it holds the weights
+    # after that many steps, which a later finite loss has shown to be good
+    written = {}
+
     def save(path, metrics=None):
-        if not is_main_process():  # rank 0 writes the checkpoints
-            return
-        save_checkpoint(path, model, optimizer, scheduler, progress["epoch"], config, metrics,
-                        step=progress["step"], loss_sum=progress["loss_sum"], loss_sums=progress["loss_sums"],
-                        skipped=progress["skipped"], best_score=progress["best_score"],
-                        scaler=scaler.state_dict() if scaler is not None else None, rng=rng_state())
+        bad = non_finite_parameters(model)
+        if bad:  # the update diverged although the loss was still finite: keep what is on disk
+            raise TrainingFailed(f"the weights became NaN/infinite ({len(bad)} parameter(s), first: {bad[0]}) "
+                                 f"by epoch {progress['epoch']}, step {progress['step']}; nothing was written; "
+                                 f"{last_good()}; lower learning_rate")
+        if is_main_process():  # rank 0 writes the checkpoints
+            save_checkpoint(path, model, optimizer, scheduler, progress["epoch"], config, metrics,
+                            step=progress["step"], loss_sum=progress["loss_sum"], loss_sums=progress["loss_sums"],
+                            skipped=progress["skipped"], best_score=progress["best_score"],
+                            scaler=scaler.state_dict() if scaler is not None else None, rng=rng_state())
+        written[path] = taken
 
     def last_good() -> str:
-        return last_path if os.path.exists(last_path) else "none yet"
+        """The newest checkpoint whose weights a later step found finite (a checkpoint
+        written after the last step holds the weights that diverged), or none."""
+        good = [(steps, path == last_path, path) for path, steps in written.items()
+                if steps < taken and os.path.exists(path)]
+        poisoned = [path for path, steps in written.items() if steps == taken and os.path.exists(path)]
+        warning = f" ({', '.join(poisoned)} holds the diverged weights: do not resume from it)" if poisoned else ""
+        if not good:
+            return f"no good checkpoint: none was written before the step that diverged{warning}"
+        return f"last good checkpoint: {max(good)[2]}, resume_from it{warning}"
 
     if resume_path:
         state = load_training_state(resume_path, model, optimizer, scheduler, plugin.name)
@@ -187,10 +207,12 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
         progress.update({key: state.get(key, progress[key]) for key in progress if key != "epoch"},
                         epoch=state["epoch"])
         set_rng_state(state["rng"])
+        written[resume_path] = 0
         previous_best = os.path.join(os.path.dirname(resume_path), "best.ckpt")
         if is_main_process() and os.path.isfile(previous_best) and not os.path.exists(best_path):
             shutil.copyfile(previous_best, best_path + ".tmp")
             os.replace(best_path + ".tmp", best_path)
+        written.setdefault(best_path, -1)  # older than the resumed weights
         info["resumed_from"] = {"checkpoint": os.path.abspath(resume_path), "epoch": progress["epoch"],
                                 "step": progress["step"]}
         print(f"resuming from {resume_path}: epoch {progress['epoch']}, step {progress['step']}", flush=True)
@@ -220,9 +242,9 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
                     model.parameters(), scheduler if schedule_unit == "step" else None)
             except NonFiniteLoss as error:
                 raise TrainingFailed(f"non-finite loss ({error}) at epoch {epoch}, step {progress['step']}; "
-                                     f"last good checkpoint: {last_good()} (lower learning_rate, or "
-                                     f"resume_from it)") from None
+                                     f"nothing was written; {last_good()}; lower learning_rate") from None
             loss = losses.pop("loss")
+            taken += 1
             progress["step"] += 1
             progress["loss_sum"] += loss
             for key, value in losses.items():
@@ -247,8 +269,7 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
             metrics = validate()
         except NonFiniteScores as error:
             raise TrainingFailed(f"val split at epoch {epoch}, the model being trained: {error}; the "
-                                 f"training diverged (last good checkpoint: {last_good()}): lower "
-                                 f"learning_rate") from None
+                                 f"training diverged ({last_good()}): lower learning_rate") from None
         score = sum(metrics[key] for key in settings.select_metric)
         log("train.loss", loss, epoch)
         for key, total in progress["loss_sums"].items():  # the plug-in's other losses

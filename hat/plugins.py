@@ -60,6 +60,10 @@ class ModelPlugin:
     def __init__(self, c: dict):
         self.c = c
 
+    # the model's numeric keys: {key: hat.checks.Rule} (``integer(...)``, ``number(...)``),
+    # checked before `validate` with the same one-line errors
+    key_rules: dict = {}
+
     def validate(self, fail) -> None:
         """Model-specific configuration checks, before any work: ``fail(key, allowed)``
         raises the one-line error naming the key, its value and what is allowed; other

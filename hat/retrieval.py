@@ -9,6 +9,11 @@ evaluates with.
     texts = retriever.encode_texts(["a dog on a beach"])
     retriever.score(images, texts)                                # [N_images, N_texts]
     retriever.search(["a dog on a beach"], ["a.jpg", "b.jpg"], k=1)  # [[(index, score)]]
+
+One caption (a str) is one text and one path or PIL image is one picture: the calls take
+either one or a list of them. An empty list, a caption that is not a str, an image that
+is not a path or PIL image, a missing file or one that does not decode is refused with a
+one-line error naming it.
 """
 from __future__ import annotations
 
@@ -18,13 +23,18 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from datamodules.arrow import one_line
 from datamodules.datasets import caption_loader, image_loader, pad_id_of, tokenize
 from datamodules.transforms import build_transform
 from hat.backbones import load_tokenizer
-from hat.checkpoint import FORMAT, CheckpointError, load_model_weights, read_checkpoint_file
+from hat.checkpoint import (FORMAT, CheckpointError, check_project_layout, load_model_weights,
+                            read_checkpoint_file)
 from hat.checks import RUN_KEYS
 from hat.defaults import default_config
 from hat.plugins import get_plugin, model_names, plugins
+
+PATHS = (str, os.PathLike)
+
 
 class _Images(Dataset):
     def __init__(self, images, transform):
@@ -35,10 +45,57 @@ class _Images(Dataset):
 
     def __getitem__(self, index):
         image = self.images[index]
-        if isinstance(image, (str, os.PathLike)):
-            with Image.open(image) as opened:
-                image = opened.convert("RGB")
+        if isinstance(image, PATHS):
+            image = _open_image(image, index)
         return self.transform(image.convert("RGB"))
+
+
+def _open_image(path, index: int) -> Image.Image:
+    """The picture at ``path`` in RGB. A missing file or one PIL cannot decode (Pillow
+    raises OSError, including UnidentifiedImageError and truncated data, SyntaxError,
+    ValueError or DecompressionBombError) is a one-line error naming ``index`` and ``path``."""
+    try:
+        with Image.open(path) as opened:
+            return opened.convert("RGB")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image {index} ({path}) does not exist; pass the path of an image file") from None
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+        raise ValueError(f"image {index} ({path}) cannot be decoded ({type(error).__name__}: {one_line(error)}); "
+                         f"pass a readable image file (JPEG, PNG, ...) or leave this one out") from None
+
+
+def _image_list(images) -> list:
+    """``images`` as a list of paths and PIL images: one path (str or os.PathLike) or PIL
+    image is one picture; a list, tuple or other iterable of them is taken as given."""
+    if isinstance(images, (*PATHS, Image.Image)):
+        return [images]
+    if isinstance(images, (torch.Tensor, bytes, dict)) or not hasattr(images, "__iter__"):
+        raise TypeError(f"images has type {type(images).__name__}; pass a file path, a PIL image or a list of them "
+                        f"(search also takes the features encode_images returns)")
+    images = list(images)
+    for index, image in enumerate(images):
+        if not isinstance(image, (*PATHS, Image.Image)):
+            raise TypeError(f"images[{index}] has type {type(image).__name__}, not a file path or PIL image; "
+                            f"pass paths or PIL images")
+    if not images:
+        raise ValueError("images is empty; pass at least one file path or PIL image")
+    return images
+
+
+def _text_list(texts, name: str = "texts") -> list[str]:
+    """``texts`` as a list of captions: one str is one caption; a list, tuple or other
+    iterable of str is taken as given. ``name``: the argument the errors name."""
+    if isinstance(texts, str):
+        return [texts]
+    if isinstance(texts, (bytes, dict)) or not hasattr(texts, "__iter__"):
+        raise TypeError(f"{name} has type {type(texts).__name__}; pass a caption (str) or a list of captions")
+    texts = list(texts)
+    for index, text in enumerate(texts):
+        if not isinstance(text, str):
+            raise TypeError(f"{name}[{index}] has type {type(text).__name__}, not str; pass every caption as a str")
+    if not texts:
+        raise ValueError(f"{name} is empty; pass at least one caption")
+    return texts
 
 
 class _Texts(Dataset):
@@ -64,13 +121,16 @@ class Retriever:
         self.batch_size = c["eval_batch_size"]
 
     def encode_images(self, images):
-        """Encode pictures (PIL images or file paths) with the test-time transform."""
-        loader = image_loader(_Images(images, self.transform), self.batch_size, 0)
+        """Encode pictures (a file path or PIL image, or a list of them) with the
+        test-time transform."""
+        loader = image_loader(_Images(_image_list(images), self.transform), self.batch_size, 0)
         return self.plugin.encode_image_set(self.model, loader, self.device)
 
     def encode_texts(self, texts):
-        """Encode sentences (tokenised and padded as the runner does)."""
-        loader = caption_loader(_Texts(texts, self.tokenizer, self.config["max_text_len"]), self.batch_size, 0,
+        """Encode sentences (a str, or a list of them), tokenised and padded as the runner
+        does."""
+        dataset = _Texts(_text_list(texts), self.tokenizer, self.config["max_text_len"])
+        loader = caption_loader(dataset, self.batch_size, 0,
                                 pad_id=pad_id_of(self.tokenizer), pad_to=self.plugin.pad_to)
         return self.plugin.encode_caption_set(self.model, loader, self.device)
 
@@ -82,9 +142,9 @@ class Retriever:
 
     def search(self, query_texts, images, k: int = 5, rerank: bool = False) -> list[list[tuple[int, float]]]:
         """For each query, the ``k`` best of ``images`` as (index into images, score), best
-        first. ``images``: PIL images, paths, or features from `encode_images`."""
-        if isinstance(query_texts, str):
-            query_texts = [query_texts]
+        first. ``query_texts``: a str or a list of them; ``images``: a path or PIL image, a
+        list of them, or the features `encode_images` returns."""
+        query_texts = _text_list(query_texts, "query_texts")
         image_features = images if _is_features(images) else self.encode_images(images)
         scores = self.score(image_features, self.encode_texts(query_texts), rerank=rerank)  # [N_images, N_queries]
         top = scores.t().topk(min(k, scores.shape[0]), dim=1)
@@ -93,7 +153,9 @@ class Retriever:
 
 
 def _is_features(images) -> bool:
-    return not isinstance(images, (list, tuple)) or (len(images) > 0 and isinstance(images[0], torch.Tensor))
+    """Whether ``images`` is what `encode_images` returns: a non-empty list or tuple of
+    tensors (HAT's per-level features, Multi-SEA's (f_I, F_I)). Anything else is pictures."""
+    return isinstance(images, (list, tuple)) and len(images) > 0 and all(isinstance(x, torch.Tensor) for x in images)
 
 
 def load_model(checkpoint: str, device="cpu", model: str | None = None, dataset: str = "f30k",
@@ -109,6 +171,7 @@ def load_model(checkpoint: str, device="cpu", model: str | None = None, dataset:
     packaged vocabulary offline)."""
     state = read_checkpoint_file(checkpoint)
     if isinstance(state, dict) and state.get("format") == FORMAT:
+        check_project_layout(state, checkpoint)
         recorded = {k: v for k, v in (state.get("config") or {}).items() if k not in RUN_KEYS}
         if not recorded.get("model"):
             raise CheckpointError(f"checkpoint={checkpoint} records no configuration; pass model= and the "

@@ -72,29 +72,50 @@ def search_roots(config: dict) -> list[str]:
     return unique
 
 
+def _recorded_last(folder: str) -> str | None:
+    """The last.ckpt of the run recorded in ``folder``: beside it, or (a run with
+    ``checkpoint_dir``) beside the checkpoint its info.json names."""
+    last = os.path.join(folder, "last.ckpt")
+    if os.path.isfile(last):
+        return last
+    try:
+        with open(os.path.join(folder, "info.json")) as handle:
+            named = json.load(handle).get("checkpoint")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(named, str):
+        return None
+    last = os.path.join(os.path.dirname(named), "last.ckpt")
+    return last if os.path.isfile(last) else None
+
+
 def find_resumable(config: dict, exclude=()) -> tuple[str, str] | None:
     """(folder, its last.ckpt) of the most recently written ``last.ckpt`` whose run had
-    this configuration (locations and ``resume`` aside); None when there is none.
-    Folders in ``exclude`` (the current run's) are skipped."""
+    this configuration (locations and ``resume`` aside); None when there is none. A run
+    recorded in the observer directory is found wherever its checkpoints went (the
+    checkpoint its info.json names). Folders in ``exclude`` (the current run's) and
+    checkpoints inside them are skipped."""
     wanted = _comparable(config)
     excluded = {os.path.abspath(folder) for folder in exclude if folder}
-    candidates = []
+    candidates = {}
     for root in search_roots(config):
         for name in os.listdir(root):
             folder = os.path.join(root, name)
-            last, recorded = os.path.join(folder, "last.ckpt"), os.path.join(folder, "config.json")
-            if os.path.abspath(folder) in excluded or not (os.path.isfile(last) and os.path.isfile(recorded)):
+            recorded = os.path.join(folder, "config.json")
+            last = _recorded_last(folder) if os.path.isfile(recorded) else None
+            if last is None or {os.path.abspath(folder), os.path.dirname(os.path.abspath(last))} & excluded:
                 continue
             try:
                 with open(recorded) as handle:
                     matches = _comparable(json.load(handle)) == wanted
-            except (OSError, ValueError):
+            except (OSError, ValueError, AttributeError):
                 continue
-            if matches:
-                candidates.append((os.stat(last).st_mtime_ns, folder, last))
+            if matches:  # one checkpoint may be found twice (its observer folder, its checkpoint_dir)
+                key = os.path.abspath(last)
+                candidates[key] = max(candidates.get(key, ()), (os.stat(last).st_mtime_ns, folder, last))
     if not candidates:
         return None
-    _, folder, last = max(candidates)
+    _, folder, last = max(candidates.values())
     return folder, last
 
 
@@ -108,5 +129,6 @@ def resume_checkpoint(config: dict, exclude=()) -> tuple[str | None, dict]:
         return None, {}
     folder, last = found
     name = os.path.basename(os.path.normpath(folder))
+    print(f"resume=True: continuing run {name} ({folder}) from {last}", flush=True)
     return last, {"resumed_run": int(name) if name.isdigit() else name,
                   "resumed_folder": os.path.abspath(folder)}

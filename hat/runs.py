@@ -8,6 +8,15 @@
 A run folder holds run.json (status, times, result, named configs), config.json,
 metrics.json (per-epoch scalars) and info.json (the checkpoint); whatever is missing
 shows as "-".
+
+Status is Sacred's (COMPLETED, FAILED, INTERRUPTED, RUNNING, ...) with two of the
+browser's own: STALE is a RUNNING run whose last heartbeat (Sacred rewrites run.json
+every 10 s while the process lives; its times are UTC) is older than STALE_AFTER (5
+minutes): its process most likely died without recording it (kill -9, an out-of-memory
+kill, a lost machine). unreadable is a run folder with a file that is not what Sacred
+writes (not JSON, not a JSON object, a field of the wrong type): its other columns show
+"-", a note on stderr names the file, and the listing goes on. compare and curves of such
+a run stop with a one-line error naming the file (exit status 2).
 """
 from __future__ import annotations
 
@@ -15,51 +24,146 @@ import argparse
 import json
 import os
 import sys
-from datetime import datetime
+from datetime import datetime, timedelta, timezone
 
 COLUMNS = ("id", "status", "model", "dataset", "named", "started", "duration", "best val", "test rsum",
            "checkpoint")
+STALE_AFTER = timedelta(minutes=5)  # a RUNNING run without a heartbeat for this long shows as STALE
+STALE, UNREADABLE = "STALE", "unreadable"
+
+
+class RunFolderError(ValueError):
+    """A file of a run folder that does not hold what Sacred writes (the message names it)."""
+
+
+def _bad(path: str, what: str) -> RunFolderError:
+    return RunFolderError(f"{path} {what}; repair the file or move its run folder out of the observer directory")
+
+
+def _short(value) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= 40 else text[:37] + "..."
 
 
 def _read(path: str) -> dict:
+    """The JSON object in ``path``; {} when there is no such file. RunFolderError when it
+    cannot be read, is not JSON or holds something other than an object."""
     try:
         with open(path) as handle:
-            return json.load(handle)
-    except (OSError, ValueError):
+            value = json.load(handle)
+    except FileNotFoundError:
         return {}
+    except (OSError, ValueError) as error:
+        raise _bad(path, f"is not readable JSON ({' '.join(str(error).split())})") from None
+    if not isinstance(value, dict):
+        raise _bad(path, f"holds {_short(value)}, not a JSON object")
+    return value
 
 
-def _time(value: str | None):
+def _get(values: dict, key: str, types, what: str, path: str):
+    """``values[key]``, None when absent or null; RunFolderError when it is not ``types``."""
+    value = values.get(key)
+    if value is not None and not isinstance(value, types):
+        raise _bad(path, f'has "{key}": {_short(value)}, not {what}')
+    return value
+
+
+def _strings(values: dict, key: str, path: str) -> list[str]:
+    """``values[key]`` as a list of strings ([] when absent or null; a str is one)."""
+    value = _get(values, key, (str, list), "a string or a list of strings", path)
+    if isinstance(value, list) and not all(isinstance(item, str) for item in value):
+        raise _bad(path, f'has "{key}": {_short(value)}, not a list of strings')
+    return [value] if isinstance(value, str) else value or []
+
+
+def _time(record: dict, key: str, path: str) -> datetime | None:
+    """``record[key]``, an ISO time, as a naive UTC datetime (Sacred writes
+    ``datetime.utcnow().isoformat()``; one with an offset is converted); None when absent
+    or not an ISO time."""
+    value = _get(record, key, str, "an ISO time string", path)
     try:
-        return datetime.fromisoformat(value) if value else None
+        moment = datetime.fromisoformat(value) if value else None
     except ValueError:
         return None
+    if moment is not None and moment.tzinfo is not None:
+        moment = moment.astimezone(timezone.utc).replace(tzinfo=None)
+    return moment
 
 
-def run_summary(folder: str) -> dict:
+def _numbers(value) -> bool:
+    return isinstance(value, list) and all(isinstance(item, (int, float)) for item in value)
+
+
+def read_metrics_file(path: str) -> dict:
+    """{name: values} of the metrics.json at ``path`` ({} when absent). RunFolderError unless
+    every entry is Sacred's {"steps": [numbers], "values": [numbers]} of one length."""
+    metrics = _read(path)
+    for name, series in metrics.items():
+        if not (isinstance(series, dict) and _numbers(series.get("steps")) and _numbers(series.get("values"))
+                and len(series["steps"]) == len(series["values"])):
+            raise _bad(path, f'has "{name}": {_short(series)}, not {{"steps": [numbers], "values": [numbers]}} '
+                             f"of one length")
+    return {name: series["values"] for name, series in metrics.items()}
+
+
+def _result(record: dict) -> dict:
+    """run.json's result when it is an object, else {} (a run records whatever it returned)."""
+    result = record.get("result")
+    return result if isinstance(result, dict) else {}
+
+
+def utc_now() -> datetime:
+    """The current time as Sacred records times: naive UTC."""
+    return datetime.now(timezone.utc).replace(tzinfo=None)
+
+
+def run_summary(folder: str, now: datetime | None = None) -> dict:
     """One run's line: id, status, model, dataset, named configs, start time, duration,
     best validation score (the highest sum of the select_metric values over the epochs),
-    test rSum and checkpoint."""
-    record, config = _read(os.path.join(folder, "run.json")), _read(os.path.join(folder, "config.json"))
-    metrics, info = _read(os.path.join(folder, "metrics.json")), _read(os.path.join(folder, "info.json"))
-    start, stop = _time(record.get("start_time")), _time(record.get("stop_time") or record.get("heartbeat"))
-    selected = config.get("select_metric") or ["rsum"]
-    epochs = [metrics.get(f"val.{key}", {}).get("values", []) for key in selected]
+    test rSum and checkpoint. A RUNNING run whose last heartbeat (or start, before the
+    first) is older than STALE_AFTER before ``now`` (default: `utc_now`) is STALE.
+    RunFolderError when one of its files is not what Sacred writes."""
+    paths = {name: os.path.join(folder, f"{name}.json") for name in ("run", "config", "metrics", "info")}
+    record, config, info = _read(paths["run"]), _read(paths["config"]), _read(paths["info"])
+    metrics = read_metrics_file(paths["metrics"])
+    start, beat = _time(record, "start_time", paths["run"]), _time(record, "heartbeat", paths["run"])
+    stop = _time(record, "stop_time", paths["run"]) or beat
+    status = _get(record, "status", str, "a string", paths["run"]) or "-"
+    last_sign_of_life = beat or start
+    if status == "RUNNING" and last_sign_of_life and (now or utc_now()) - last_sign_of_life > STALE_AFTER:
+        status = STALE
+    meta = _get(record, "meta", dict, "an object", paths["run"]) or {}
+    named = _strings(meta, "named_configs", paths["run"])
+    selected = _strings(config, "select_metric", paths["config"]) or ["rsum"]
+    epochs = [metrics.get(f"val.{key}", []) for key in selected]
     best = max(map(sum, zip(*epochs)), default=None) if all(epochs) else None
-    result = record.get("result") if isinstance(record.get("result"), dict) else {}
-    checkpoint = info.get("checkpoint")
+    result = _result(record)
     return {
         "id": os.path.basename(os.path.normpath(folder)),
-        "status": record.get("status", "-"),
-        "model": config.get("model", "-"),
-        "dataset": config.get("dataset", "-"),
-        "named": ",".join((record.get("meta") or {}).get("named_configs") or []) or "-",
+        "status": status,
+        "model": _get(config, "model", str, "a string", paths["config"]) or "-",
+        "dataset": _get(config, "dataset", str, "a string", paths["config"]) or "-",
+        "named": ",".join(named) or "-",
         "started": start.strftime("%Y-%m-%d %H:%M") if start else "-",
         "duration": str(stop - start).split(".")[0] if start and stop else "-",
         "best val": f"{best:.2f}" if best is not None else "-",
-        "test rsum": f"{result['rsum']:.2f}" if "rsum" in result else "-",
-        "checkpoint": checkpoint if isinstance(checkpoint, str) else (", ".join(checkpoint) if checkpoint else "-"),
+        "test rsum": _fmt(result.get("rsum")),
+        "checkpoint": ", ".join(_strings(info, "checkpoint", paths["info"])) or "-",
     }
+
+
+def listing(folders: list[str], now: datetime | None = None) -> tuple[list[dict], list[str]]:
+    """(rows, notes): `run_summary` of each folder; a folder it refuses is a row with status
+    ``unreadable`` and "-" elsewhere, and a note saying why."""
+    rows, notes = [], []
+    for folder in folders:
+        try:
+            rows.append(run_summary(folder, now))
+        except RunFolderError as error:
+            run_id = os.path.basename(os.path.normpath(folder))
+            rows.append({**dict.fromkeys(COLUMNS, "-"), "id": run_id, "status": UNREADABLE})
+            notes.append(f"note: run {run_id} is {UNREADABLE}: {error}")
+    return rows, notes
 
 
 def run_folders(observer_dir: str) -> list[str]:
@@ -86,8 +190,7 @@ def compare(folder_a: str, folder_b: str) -> str:
     rows = [{"key": k, name_a: json.dumps(config_a.get(k, "-")), name_b: json.dumps(config_b.get(k, "-"))}
             for k in differing]
     lines = [f"config keys that differ ({len(rows)}):", table(rows, ("key", name_a, name_b)) if rows else "  none"]
-    result_a = _read(os.path.join(folder_a, "run.json")).get("result") or {}
-    result_b = _read(os.path.join(folder_b, "run.json")).get("result") or {}
+    result_a, result_b = (_result(_read(os.path.join(folder, "run.json"))) for folder in (folder_a, folder_b))
     keys = [k for k in result_a if k in result_b] + [k for k in result_b if k not in result_a] + [
         k for k in result_a if k not in result_b]
     metric_rows = [{"metric": k, name_a: _fmt(result_a.get(k)), name_b: _fmt(result_b.get(k))} for k in keys]
@@ -114,6 +217,8 @@ def main(argv=None) -> int:
                 parser.error("curves takes run ids or run folders (--out with one of them), e.g. curves 3")
             for run in args.ids:
                 folder = run if os.path.isdir(run) and not run.isdigit() else os.path.join(args.dir, run)
+                _read(os.path.join(folder, "config.json"))  # what curves_of_run reads, checked first
+                read_metrics_file(os.path.join(folder, "metrics.json"))
                 print(curves_of_run(folder, args.out))
         elif args.command == "compare":
             if len(args.ids) != 2:
@@ -125,7 +230,10 @@ def main(argv=None) -> int:
                                         f"`python -m hat.runs --dir {args.dir}` lists the runs")
             print(compare(*folders))
         else:
-            print(table([run_summary(folder) for folder in run_folders(args.dir)]))
+            rows, notes = listing(run_folders(args.dir))
+            print(table(rows))
+            for note in notes:
+                print(note, file=sys.stderr)
     except (FileNotFoundError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

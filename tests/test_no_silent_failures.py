@@ -102,7 +102,8 @@ def test_diverged_training_stops_at_validation_and_saves_no_best(tmp_path):
                         demo_train_images=4, learning_rate=1e9, vse_warmup_epochs=0))
     assert the_error_line(proc) == (
         "UsageError: val split at epoch 0, the model being trained: 320 NaN and 0 infinite scores of 320; "
-        "the training diverged (last good checkpoint: none yet): lower learning_rate")
+        "the training diverged (no good checkpoint: none was written before the step that diverged): lower "
+        "learning_rate")
     assert status_of(observer) == ["FAILED"] and not (observer / "1" / "best.ckpt").exists()
 
 

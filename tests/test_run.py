@@ -69,7 +69,7 @@ def test_ensemble_folds_and_feature_cache(trained):
     ensemble = dict(updates, test_only=True, ensemble=[checkpoint, checkpoint],
                     ensemble_directions=["i2t", "t2i"], eval_folds=3, feature_cache=str(cache))
     first = ex.run(named_configs=["demo"], config_updates=ensemble).result
-    files = list(cache.iterdir())
+    files = list(cache.glob("*.features.pt"))
     assert len(files) == 1  # features do not depend on the direction: encoded once
     features = load_features(str(files[0]), "cpu")
     levels = []

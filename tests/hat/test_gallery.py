@@ -132,7 +132,11 @@ def test_gallery_lists_equal_the_top_5_of_the_test_scores(gallery_of_run):
         assert query["gt_rank"] == image_rank(sims, i)
     # the sample holds failures and successes (the tiny model has both)
     assert {q["failure"] for q in page.captions} == {True, False}
-    assert 0 < sum(q["failure"] for q in page.captions) <= N_QUERIES // 2
+    # failures up to half the sample, more when the split has too few successes to fill it
+    ranks = [caption_rank(sims, j) for j in range(n_captions)]
+    n_failures, n_successes = sum(r > 1 for r in ranks), sum(r == 1 for r in ranks)
+    expected = min(n_failures, max((N_QUERIES + 1) // 2, N_QUERIES - n_successes))
+    assert sum(q["failure"] for q in page.captions) == expected
 
     # embedded images: 5 per caption query, 1 per image query, one map per word and level
     levels = len(retriever.config["level_pairs"])

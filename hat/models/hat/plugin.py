@@ -7,6 +7,7 @@ import os
 import torch
 
 from hat.plugins import ConfigProblem, ModelPlugin
+from hat.rules import integer, number
 
 
 def hat_config(model, demo_recipe):
@@ -81,6 +82,13 @@ class HATPlugin(ModelPlugin):
     released_module = "hat.models.hat.released"  # is_released / load_released_state_dict
     released_format = "released-hat"
     released_keys = "vit_model.*"
+    key_rules = {
+        "lr_step_epochs": integer(1, why="StepLR's step in epochs"), "lr_gamma": number(above=0),
+        "freeze_image_epochs": integer(0), "freeze_text_epochs": integer(0), "vse_warmup_epochs": integer(0),
+        "image_tile": integer(1, none=True, why="images per scoring tile; None picks one"),
+        "caption_tile": integer(1, none=True, why="captions per scoring tile; None picks one"),
+        "drop_path_rate": number(at_least=0, below=1), "text_dropout": number(at_least=0, below=1, none=True),
+    }
 
     def validate(self, fail) -> None:
         from hat.backbones import text_limits
@@ -88,7 +96,13 @@ class HATPlugin(ModelPlugin):
         c = self.c
         num_stages = len(c["swin_depths"] or (2, 2, 18, 2))
         text_depth = text_limits(c["text_backbone"])[0]
-        for pair in c["level_pairs"]:
+        pairs = c["level_pairs"]
+        if not isinstance(pairs, (list, tuple)) or not pairs or not all(
+                isinstance(pair, (list, tuple)) and all(isinstance(v, int) and not isinstance(v, bool) for v in pair)
+                for pair in pairs):
+            fail("level_pairs", "a non-empty list of [image stage, text layer] pairs of integers, "
+                                "e.g. [[2,4],[3,10],[4,12]]")
+        for pair in pairs:
             if len(pair) != 2 or not 1 <= pair[0] <= num_stages:
                 fail("level_pairs", f"[image stage 1..{num_stages}, text layer] pairs")
             if not 1 <= pair[1] <= (text_depth or pair[1]):
@@ -200,7 +214,8 @@ class HATPlugin(ModelPlugin):
                     feature_dtype = feature_dtype or default_feature_dtype(device)
                     cache = feature_cache_path(c["feature_cache"], path, options.split, extra=(
                         c["dataset"], c["image_size"], c["image_transform"], c["max_text_len"],
-                        c["captions_per_image"], feature_dtype), data_files=data.files)
+                        c["captions_per_image"], feature_dtype,
+                        *((key, c[key]) for key in self.architecture_keys)), data_files=data.files)
             features = cached_features(model, data.images, data.captions, device, feature_dtype, cache)
             members.append(level_similarities(model, features, c["image_tile"], c["caption_tile"]))
             del features

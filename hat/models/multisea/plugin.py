@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from hat.plugins import ModelPlugin
+from hat.rules import integer, number
 
 LOSS_KEYS = ("loss", "loss_itc", "loss_itm")
 
@@ -93,6 +94,13 @@ class MultiSEAPlugin(ModelPlugin):
     released_module = "hat.models.multisea.released"  # is_released / load_released_state_dict
     released_format = "released-multisea"
     released_keys = "visual_encoder.visual.*"
+    key_rules = {
+        "encoder_lr": number(at_least=0), "alpha_lr": number(at_least=0), "temp_lr": number(at_least=0),
+        "weight_decay": number(at_least=0), "warmup_ratio": number(at_least=0, at_most=1),
+        "num_cycles": number(above=0), "temp_init": number(above=0), "fusion_dropout": number(at_least=0, below=1),
+        "vision_depth": integer(1), "frozen_vision_blocks": integer(0), "fusion_heads": integer(1),
+        "fusion_mlp_ratio": number(above=0),
+    }
 
     @property
     def pad_to(self) -> int:
@@ -100,11 +108,17 @@ class MultiSEAPlugin(ModelPlugin):
 
     def validate(self, fail) -> None:
         c = self.c
-        if not c["itm_layers"] or any(not 1 <= layer <= c["fusion_layers"] for layer in c["itm_layers"]):
-            fail("itm_layers", f"AFormer layers 1..{c['fusion_layers']} (fusion_layers)")
         for key in ("top_k", "queue_size", "fusion_layers", "num_agents"):
             if not isinstance(c[key], int) or c[key] < 1:
                 fail(key, "a positive integer")
+        layers = c["itm_layers"]
+        if not isinstance(layers, (list, tuple)) or not layers or any(
+                not isinstance(layer, int) or not 1 <= layer <= c["fusion_layers"] for layer in layers):
+            fail("itm_layers", f"AFormer layers 1..{c['fusion_layers']} (fusion_layers)")
+        betas = c["adam_betas"]
+        if not isinstance(betas, (list, tuple)) or len(betas) != 2 or not all(
+                isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in betas):
+            fail("adam_betas", "two numbers in [0, 1), e.g. [0.9, 0.98]")
 
     def build(self, pretrained: bool):
         from hat.models.multisea.model import build_multisea
