@@ -16,10 +16,10 @@ import importlib.metadata
 import os
 import subprocess
 
+import hat.models  # noqa: F401, I001  (registers the built-in models; first: hat silences sacred's pkg_resources warning)
 from sacred import Experiment
 from sacred.host_info import host_info_gatherer
 
-import hat.models  # noqa: F401  (registers the built-in models)
 from hat.defaults import demo_defaults, runner_defaults
 from hat.plugins import on_register
 

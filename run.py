@@ -19,6 +19,8 @@ import sys
 
 import numpy as np
 import torch
+
+import hat  # noqa: F401  (first: it silences sacred's pkg_resources warning)
 from sacred import SETTINGS
 from sacred.observers import FileStorageObserver
 from sacred.utils import SacredError, SacredInterrupt, apply_backspaces_and_linefeeds
@@ -247,8 +249,9 @@ def train_and_test(c, _run, signals) -> dict:
     else:
         train_data = plugin.training_data(open_split(data_root, c["dataset"], "train"), tokenizer,
                                           build_transform(c["image_transform"], c["image_size"], train=True))
-        loader = train_loader(train_data, c["batch_size"] or c["per_gpu_batchsize"] * world_size,
-                              c["num_workers"], c["seed"], rank, world_size, **pad)
+        batch = c["batch_size"] or c["per_gpu_batchsize"] * world_size
+        checks.check_fills_a_batch(c, len(train_data), plugin.training_unit, batch)
+        loader = train_loader(train_data, batch, c["num_workers"], c["seed"], rank, world_size, **pad)
         out_dir = broadcast_from_main(checkpoint_folder(c, run_dir, _run._id) if is_main_process() else None)
         _run.info["checkpoint"] = os.path.abspath(os.path.join(out_dir, "best.ckpt"))
         log = scalar_log(c, _run, run_dir or out_dir)

@@ -14,7 +14,13 @@ lookup, and by any import of a model module).
 ``import hat`` itself is light (the run browser and the curves need no torch); the
 public names load on first use.
 """
+import warnings
+
 __all__ = ["Retriever", "load_model"]
+
+# sacred 0.8.7 imports pkg_resources, which setuptools marks as deprecated: a warning at
+# the start of every command that says nothing about the run
+warnings.filterwarnings("ignore", message="pkg_resources is deprecated", category=UserWarning)
 
 
 def __getattr__(name):

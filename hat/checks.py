@@ -165,6 +165,16 @@ def validate_caption_count(config, splits) -> None:
                                 f"set captions_per_image={count} or None (every caption)")
 
 
+def check_fills_a_batch(config, items: int, unit: str, batch: int) -> None:
+    """The training split holds at least one global batch (every step is a full batch)."""
+    if items >= batch:
+        return
+    keys = "per_gpu_batchsize" if config["batch_size"] is None else "batch_size (and per_gpu_batchsize)"
+    more = "demo_train_images" if config["dataset"] == "demo" else "a larger training split"
+    raise ConfigProblem(f"the training split has {items} {unit}, fewer than one batch of {batch}: set {keys} to at "
+                        f"most {items}, or train on more data ({more})")
+
+
 VERIFY_AT_MOST = 2000  # verify_val_images=None decodes every val image of splits this small
 
 

@@ -3,6 +3,8 @@ config functions (config.py adds them to the experiment; each model's own keys c
 its plug-in's config function), and `default_config`: the same defaults without a run."""
 from __future__ import annotations
 
+import os
+
 from sacred.config.config_scope import ConfigScope
 from sacred.config.utils import chain_evaluate_config_scopes
 
@@ -22,7 +24,7 @@ def runner_defaults():
     text_backbone = "bert-base-uncased"  # HF hub name, local folder, or packaged-minilm (also the tokenizer)
     max_text_len = 32  # tokens including [CLS] and [SEP]
     captions_per_image = 5  # test protocol: first 5 captions per image; None keeps every caption
-    num_workers = 8  # data loader processes
+    num_workers = min(8, os.cpu_count() or 1)  # data loader processes (at most one per CPU core)
     demo_train_images = 2000  # dataset=demo only: training images generated
     demo_eval_images = 200  # dataset=demo only: val and test images generated (each)
     verify_val_images = None  # before training, decode every val image (None: when the split has <= 2000)

@@ -29,9 +29,9 @@ from datamodules.transforms import build_transform
 from hat.backbones import load_tokenizer
 from hat.checkpoint import (FORMAT, CheckpointError, check_project_layout, load_model_weights,
                             read_checkpoint_file)
-from hat.checks import RUN_KEYS
+from hat.checks import RUN_KEYS, validate_device
 from hat.defaults import default_config
-from hat.plugins import get_plugin, model_names, plugins
+from hat.plugins import ConfigProblem, get_plugin, model_names, plugins
 
 PATHS = (str, os.PathLike)
 
@@ -169,6 +169,13 @@ def load_model(checkpoint: str, device="cpu", model: str | None = None, dataset:
     ``model=``) and built with the published recipe of ``model``/``dataset``. Nothing is
     downloaded but what the tokenizer needs (bert-base-uncased falls back to the
     packaged vocabulary offline)."""
+    def bad_device(key, allowed):
+        raise ValueError(f"device={device!r} is not valid; allowed: cpu, cuda or cuda:N")
+
+    try:
+        validate_device(str(device), bad_device)
+    except ConfigProblem as error:  # no CUDA here, or no such CUDA device
+        raise ValueError(str(error).replace(" or device=auto", "")) from None
     state = read_checkpoint_file(checkpoint)
     if isinstance(state, dict) and state.get("format") == FORMAT:
         check_project_layout(state, checkpoint)

@@ -219,7 +219,8 @@ def test_attention_maps_equal_a_literal_scan_restatement(gallery_of_run):
         assert level["direction"] == model.direction == retriever.config["direction"]
         side = math.isqrt(v.shape[1])
         assert level["grid"] == [side, side] and side * side == v.shape[1]
-        np.testing.assert_allclose(np.array(level["weights"]), expected, rtol=1e-5, atol=1e-7)
+        # fp32 softmax against the fp64 restatement (weights in [0, 1]; a wrong axis is off by far more)
+        np.testing.assert_allclose(np.array(level["weights"]), expected, rtol=1e-4, atol=1e-6)
     # the gallery's pair is the caption with its top image under the test scores
     sims = recomputed(checkpoint, data_root)[0]
     assert pair["image_index"] == stable_top(sims[:, pair["caption"]], 1)[0]
