@@ -212,7 +212,7 @@ class MultiSEAPlugin(ModelPlugin):
 
     def score_sets(self, model, image_features, caption_features, rerank: bool = False):
         """ITC scores; ``rerank``: the text->image matrix re-ranked by ITM (each caption's
-        top_k images), as evaluate ranks it."""
+        top_k images, then the others in ITC order, below them), as evaluate ranks it."""
         from hat.models.multisea.rerank import itc_scores, rerank_scores
 
         if not rerank:

@@ -3,10 +3,15 @@
 1. f, F for every image and caption (once).
 2. S = f_I f_T^T / tau for all pairs.
 3. Each image's top-k captions by S get an i2t AFormer pass, each caption's top-k images
-   a t2i pass; score = final-layer ITM class-1 logit + S inside the top-k, -100 outside.
+   a t2i pass; score = final-layer ITM class-1 logit + S inside the top-k (the shortlist).
+4. Outside the shortlist each query keeps its ITC order, strictly below its shortlist
+   (`below_shortlist`): the query's lowest shortlisted score - 1 - the dense rank of S.
 The (query, candidate) pairs are scored in chunks of ``pair_batch_size``; the two score
 matrices [N_images, N_captions] go to the recall protocol of hat.evaluation (i2t ranks
-from the i2t matrix, t2i ranks from the t2i matrix).
+from the i2t matrix, t2i ranks from the t2i matrix). Ranks inside the shortlist, hence
+R@K for K <= k, are those of the authors' protocol (which scores the rest -100, i.e.
+last); the ranks beyond it (medr, meanr, the gallery's) are the ITC order after the
+shortlist instead of "last".
 """
 from __future__ import annotations
 
@@ -14,7 +19,7 @@ import torch
 
 from hat.evaluation import METRIC_KEYS, encode_images, encode_loader, eval_mode, fold_metrics, recall, recall_sum
 
-OUTSIDE_TOP_K = -100.0
+SORT_CHUNK = 1 << 24  # ITC scores sorted at a time by below_shortlist (rows x candidates)
 
 
 @torch.no_grad()
@@ -41,11 +46,45 @@ def itc_scores(model, image_feats: torch.Tensor, text_feats: torch.Tensor) -> to
         return model.pair_scores(image_feats.float(), text_feats.float()).cpu()
 
 
+def below_shortlist(itc: torch.Tensor, shortlist: torch.Tensor, shortlist_scores: torch.Tensor) -> torch.Tensor:
+    """One row per query: the re-ranked scores [Q, N] of its N candidates.
+
+    itc [Q, N]: the ITC scores; shortlist [Q, k]: the candidates re-ranked (distinct
+    indices into N); shortlist_scores [Q, k]: their re-rank scores. The shortlisted
+    candidates get their re-rank score; every other one ``floor - 1 - d``, ``floor`` the
+    query's lowest re-rank score and ``d`` the dense rank of its ITC score in the row (0 =
+    the highest ITC score, equal scores one rank). So the rest follows the shortlist in ITC
+    order, strictly below it, equal ITC scores stay equal (a tie still never favours the
+    positive), and nothing changes inside the shortlist. Finite where the inputs are: a
+    non-finite re-rank score or ITC score stays non-finite for the protocol to refuse."""
+    n_queries, n_candidates = itc.shape
+    out = torch.empty(n_queries, n_candidates, dtype=shortlist_scores.dtype, device=itc.device)
+    step = max(1, SORT_CHUNK // max(n_candidates, 1))
+    for start in range(0, n_queries, step):
+        rows = slice(start, start + step)
+        chunk, top, scores = itc[rows], shortlist[rows], shortlist_scores[rows]
+        if top.shape[1] < n_candidates:  # else every candidate is shortlisted
+            floor = scores.min(dim=1, keepdim=True).values  # [C, 1]
+            # strictly below the floor even where floor - 1 rounds back to it (|floor| >= 2^24);
+            # at a floor of -FLT_MAX, the floor itself (finite; a tie there never favours the positive)
+            ceiling = torch.minimum(floor - 1, floor.nextafter(torch.full_like(floor, float("-inf"))))
+            ceiling = torch.where(torch.isinf(ceiling) & torch.isfinite(floor), floor, ceiling)
+            values, order = chunk.sort(dim=1, descending=True)
+            dense = torch.zeros_like(order)
+            dense[:, 1:] = (values[:, 1:] != values[:, :-1]).cumsum(dim=1)
+            d = torch.empty_like(order).scatter_(1, order, dense).to(out.dtype)
+            rest = ceiling - d
+            out[rows] = torch.where(torch.isfinite(chunk), rest, chunk.to(out.dtype) + floor)
+        out[rows].scatter_(1, top, scores)
+    return out
+
+
 @torch.no_grad()
 def rerank_scores(model, image_feats: torch.Tensor, image_states: torch.Tensor, text_feats: torch.Tensor,
                   text_states: torch.Tensor, text_mask: torch.Tensor, k: int = 64,
                   pair_batch_size: int = 128) -> tuple[torch.Tensor, torch.Tensor]:
-    """(i2t, t2i) score matrices [N_images, N_captions] on the CPU.
+    """(i2t, t2i) score matrices [N_images, N_captions] on the CPU: per query its top-k
+    ITC candidates by ITM + ITC, then the others in ITC order (`below_shortlist`).
 
     image_feats [N_I, D], image_states [N_I, R, D], text_feats [N_T, D],
     text_states [N_T, L, D], text_mask [N_T, L]: the encoded sets (any device)."""
@@ -57,17 +96,17 @@ def rerank_scores(model, image_feats: torch.Tensor, image_states: torch.Tensor, 
         top_captions = coarse.topk(k_captions, dim=1).indices  # [N_I, k]
         image_rows = torch.arange(n_images).repeat_interleave(k_captions)  # [N_I * k]
         text_rows = top_captions.reshape(-1)
-        i2t = torch.full_like(coarse, OUTSIDE_TOP_K)
-        i2t[image_rows, text_rows] = coarse[image_rows, text_rows] + _itm_scores(
+        scores = coarse[image_rows, text_rows] + _itm_scores(
             model, "i2t", image_rows, text_rows, image_states, text_states, text_mask, pair_batch_size)
+        i2t = below_shortlist(coarse, top_captions, scores.view(n_images, k_captions))
 
         k_images = min(k, n_images)
         top_images = coarse.topk(k_images, dim=0).indices.t()  # [N_T, k]
         text_rows = torch.arange(n_captions).repeat_interleave(k_images)  # [N_T * k]
         image_rows = top_images.reshape(-1)
-        t2i = torch.full_like(coarse, OUTSIDE_TOP_K)
-        t2i[image_rows, text_rows] = coarse[image_rows, text_rows] + _itm_scores(
+        scores = coarse[image_rows, text_rows] + _itm_scores(
             model, "t2i", image_rows, text_rows, image_states, text_states, text_mask, pair_batch_size)
+        t2i = below_shortlist(coarse.t(), top_images, scores.view(n_captions, k_images)).t().contiguous()
     return i2t, t2i
 
 
