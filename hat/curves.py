@@ -40,6 +40,21 @@ def plot_curves(metrics: dict, path: str, title: str = "") -> str:
     """Draw the per-epoch training losses, the per-step loss (when logged), the learning
     rate and the validation recalls of ``metrics`` ({name: (steps, values)}) into a PNG of
     FIGURE_INCHES x DPI pixels at ``path`` (written atomically) -> path."""
+    figure = curves_figure(metrics, title)
+    with atomic_file(path, "wb") as handle:
+        figure.savefig(handle, format="png", dpi=DPI)
+    return path
+
+
+def has_training_metrics(metrics: dict) -> bool:
+    """Whether ``metrics`` hold anything of training (train.* or val.*; a test_only run
+    logs test.* only)."""
+    return any(name.startswith(("train.", "val.")) for name in metrics)
+
+
+def curves_figure(metrics: dict, title: str = ""):
+    """The matplotlib Figure `plot_curves` saves (four panels; integer ticks on the epoch
+    and step axes)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -65,9 +80,7 @@ def plot_curves(metrics: dict, path: str, title: str = "") -> str:
         rsum.legend(loc="lower right", fontsize=8)
     figure.suptitle(title)
     figure.tight_layout()
-    with atomic_file(path, "wb") as handle:
-        figure.savefig(handle, format="png", dpi=DPI)
-    return path
+    return figure
 
 
 def _lines(axes, series: dict, title: str, xlabel: str, prefix: str, empty: str = "nothing logged") -> None:
@@ -75,7 +88,9 @@ def _lines(axes, series: dict, title: str, xlabel: str, prefix: str, empty: str 
 
     axes.set_title(title, fontsize=11)
     axes.set_xlabel(xlabel)
-    axes.xaxis.set_major_locator(MaxNLocator(integer=True))
+    # integer ticks however short the run: one epoch spans less than one unit, and with
+    # fewer than min_n_ticks integers in view MaxNLocator falls back to fractions
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     if not series:
         axes.text(0.5, 0.5, empty, ha="center", va="center", transform=axes.transAxes, color="grey")
         return
@@ -93,8 +108,12 @@ def curves_title(model, dataset, run_id) -> str:
 
 
 def curves_of_run(run_folder: str, path: str | None = None) -> str:
-    """curves.png of a run folder (``path``: elsewhere) from its metrics.json -> the path."""
+    """curves.png of a run folder (``path``: elsewhere) from its metrics.json -> the path.
+    ValueError (one line) when it holds no training metrics (a test_only run)."""
     metrics = read_metrics(run_folder)
+    if not has_training_metrics(metrics):
+        raise ValueError(f"run {os.path.basename(os.path.abspath(run_folder))} has no training metrics "
+                         f"(a test_only run?): nothing to draw")
     config = {}
     try:
         with open(os.path.join(run_folder, "config.json")) as handle:

@@ -9,16 +9,19 @@ passes the score matrices the evaluation ranked (`hat.plugins.EvalOptions` with
   by the caption index (the caption's position in the split's caption list: column j of
   the score matrix), each with the 1-based rank of its ground truth (the recall
   protocol's rank: ties never favour the ground truth).
-* ``gallery.html``: one self-contained page (thumbnails embedded as data URIs, no script,
-  no network) with ``n_queries`` sample captions and their top-5 images, ``n_queries``
-  sample images and their top-5 captions (ground truth marked, its rank given when it is
-  not in the top 5), chosen with ``seed`` and about half of them failures (ground truth
-  not first) where the split has that many. Models add their own views through the
-  plug-in: HAT draws the word-region attention of every level for a few (caption, top
-  image) pairs (`hat.plugins.ModelPlugin.gallery_attention`); Multi-SEA shows each
+* ``gallery.html``: one self-contained page (thumbnails, square centre crops, embedded
+  as data URIs, no script, no network) with ``n_queries`` sample captions and their
+  top-5 images, ``n_queries`` sample images and their top-5 captions (ground truth
+  marked, its rank given when it is not in the top 5), chosen with ``seed`` and about
+  half of them failures (ground truth not first) where the split has that many. Models
+  add their own views through the plug-in: HAT draws the word-region attention of every
+  level for a few (caption, top image) pairs (`hat.plugins.ModelPlugin.gallery_attention`),
+  one map per token, the maps of a level on one colour scale from 0 to the row's largest
+  weight (printed beside the row; one CSS colour bar on the page); Multi-SEA shows each
   result's rank under its first stage (ITC) next to the re-ranked one
   (``ModelPlugin.stage_labels``). The page ends with its data as JSON
-  (``<script type="application/json" id="gallery-data">``), attention weights included.
+  (``<script type="application/json" id="gallery-data">``), attention weights included
+  (unscaled; each level also holds ``scale_max``, the top of its row's colour scale).
 """
 from __future__ import annotations
 
@@ -80,21 +83,32 @@ def _data_uri(image, fmt: str = "JPEG") -> str:
 
 
 def _thumbnail(split, index: int) -> str:
-    image = split.image(index)
+    """A square thumbnail of image ``index``: its centre square (the longer side cropped),
+    at most THUMBNAIL_PX a side (a smaller image keeps its size; the page scales it), so
+    it fills its square frame on the page with no bands."""
+    image = split.image(index).convert("RGB")
+    side = min(image.size)
+    left, top = (image.width - side) // 2, (image.height - side) // 2
+    image = image.crop((left, top, left + side, top + side))
     image.thumbnail((THUMBNAIL_PX, THUMBNAIL_PX))
     return _data_uri(image)
 
 
-def heatmap(view, weights: np.ndarray, grid: tuple[int, int], colormap: str = "jet") -> str:
+COLORMAP = "jet"  # of the attention maps and of the page's colour bar
+
+
+def heatmap(view, weights: np.ndarray, grid: tuple[int, int], colormap: str = COLORMAP,
+            scale_max: float | None = None) -> str:
     """A data URI of ``view`` (a PIL image: what the model saw) with ``weights`` (one per
-    region, row-major over ``grid``) drawn over it: scaled to their maximum, coloured
-    with a matplotlib colour map, resized with pillow and blended at 50%."""
+    region, row-major over ``grid``) drawn over it: scaled from 0 to ``scale_max`` (the
+    top of the colour scale; None: the weights' own maximum), coloured with a matplotlib
+    colour map, resized with pillow and blended at 50%."""
     from matplotlib import colormaps
     from PIL import Image
 
     values = np.asarray(weights, dtype=np.float64).reshape(grid)
-    peak = values.max()
-    scaled = values / peak if peak > 0 else values
+    peak = values.max() if scale_max is None else float(scale_max)
+    scaled = np.clip(values / peak, 0.0, 1.0) if peak > 0 else values
     colours = (colormaps[colormap](scaled)[..., :3] * 255).astype(np.uint8)  # [h, w, 3]
     overlay = Image.fromarray(colours).resize((HEATMAP_PX, HEATMAP_PX), Image.Resampling.BILINEAR)
     base = view.convert("RGB").resize((HEATMAP_PX, HEATMAP_PX), Image.Resampling.BILINEAR)
@@ -250,7 +264,8 @@ def attention_pairs(plugin, model, view: SplitView, captions: list[dict], device
                       "words": view.captions_set.tokenizer.convert_ids_to_tokens(ids),
                       "levels": [{"label": level["label"], "direction": level["direction"],
                                   "grid": list(region_grid(level["weights"].shape[1])),
-                                  "weights": level["weights"].tolist()} for level in levels]})
+                                  "weights": level["weights"].tolist(),
+                                  "scale_max": float(level["weights"].max())} for level in levels]})
     return pairs
 
 
@@ -263,21 +278,44 @@ h1 { font-size: 22px; } h2 { font-size: 18px; margin-top: 32px; border-bottom: 1
 .caption { font-size: 15px; margin: 4px 0 8px; }
 .rank { font-size: 13px; color: #555; }
 .failure .rank { color: #b35c00; font-weight: bold; }
+.score { font-size: 12px; color: #555; font-weight: normal; }
 ol.results { display: flex; flex-wrap: wrap; gap: 10px; list-style: none; padding: 0; margin: 0; }
 ol.results li { width: 140px; font-size: 12px; text-align: center; }
 ol.results.captions li { width: 220px; text-align: left; border-left: 3px solid #eee; padding-left: 6px; }
-ol.results img { width: 128px; height: 128px; object-fit: contain; border: 3px solid transparent; }
+ol.results img { width: 128px; height: 128px; object-fit: cover; border: 3px solid transparent; }
 li.gt img { border-color: #2a9d3a; } li.gt { font-weight: bold; }
 ol.results.captions li.gt { border-left-color: #2a9d3a; }
 .badge { color: #2a9d3a; }
-.query-image img { width: 128px; height: 128px; object-fit: contain; float: left; margin-right: 12px; }
+.query-image img { width: 128px; height: 128px; object-fit: cover; float: left; margin-right: 12px; }
 .query-image::after { content: ""; display: block; clear: both; }
 table.attention { border-collapse: collapse; margin: 8px 0 24px; }
 table.attention td, table.attention th { padding: 2px; font-size: 11px; text-align: center; vertical-align: top; }
-table.attention th.level { text-align: left; width: 120px; }
+table.attention th.level, table.attention th.corner { text-align: left; width: 120px; min-width: 120px;
+  position: sticky; left: 0; background: #fff; z-index: 1; }
+table.attention .scale { font-weight: normal; color: #555; white-space: nowrap; }
+.legend { display: flex; align-items: center; gap: 8px; font-size: 12px; color: #555; margin: 4px 0 12px; }
+.legend .colorbar { display: inline-block; width: 240px; height: 12px; border: 1px solid #999; }
 table.attention img { width: 96px; height: 96px; display: block; }
 .scroll { overflow-x: auto; }
 """
+
+
+def colorbar_css(colormap: str = COLORMAP, stops: int = 17) -> str:
+    """A CSS linear-gradient (left: 0, right: the top of the scale) of ``colormap``, the
+    maps' colours before they are blended over the image."""
+    from matplotlib import colormaps
+
+    colours = colormaps[colormap](np.linspace(0.0, 1.0, stops))[:, :3]
+    parts = [f"rgb({r}, {g}, {b}) {100 * i / (stops - 1):g}%" for i, (r, g, b) in
+             enumerate(np.rint(colours * 255).astype(int).tolist())]
+    return f"linear-gradient(to right, {', '.join(parts)})"
+
+
+def _scale_max(level: dict) -> float:
+    """The top of a level row's colour scale: the largest weight of the row."""
+    if "scale_max" in level:
+        return float(level["scale_max"])
+    return max((max(weights) for weights in level["weights"] if weights), default=0.0)
 
 
 def _score_text(result: dict) -> str:
@@ -320,7 +358,8 @@ def render_html(data: dict, split, title: str, metrics: dict | None = None, view
             image_id = html.escape(result["image_id"])
             out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-image-id=\"{image_id}\" "
                        f"data-image-index=\"{result['image_index']}\"><img alt=\"image {image_id}\" "
-                       f"src=\"{thumb(result['image_index'])}\"><br>{position}. {_score_text(result)}"
+                       f"src=\"{thumb(result['image_index'])}\"><br>{position}. "
+                       f"<span class=\"score\">{_score_text(result)}</span>"
                        f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
         out.append("</ol></div>")
 
@@ -336,16 +375,21 @@ def render_html(data: dict, split, title: str, metrics: dict | None = None, view
         for position, result in enumerate(query["results"], start=1):
             gt = result["ground_truth"]
             out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-caption=\"{result['caption']}\">{position}. "
-                       f"{html.escape(result['text'])}<br><span class=\"rank\">{_score_text(result)}</span>"
+                       f"{html.escape(result['text'])}<br><span class=\"score\">{_score_text(result)}</span>"
                        f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
         out.append("</ol></div>")
 
     if data["attention"]:
         out.append("<h2 id=\"attention\">Word-region attention per level</h2>")
         out.append("<p class=\"meta\">Each map is one word's SCAN attention weights over the image's regions "
-                   "(scaled to its own maximum, printed under it), on the image as the model saw it. "
-                   "i2t: the share of each region's attention that goes to the word; t2i: the word's "
-                   "attention over the regions.</p>")
+                   "(its largest weight printed under it), on the image as the model saw it; every token of "
+                   "the caption has its map (long rows scroll sideways). The maps of a level share one colour "
+                   "scale, from 0 to the largest weight of the row, printed beside it (\u201cscale 0 .. "
+                   "max\u201d): a flat map stays blue beside a peaked one. i2t: the share of each region's "
+                   "attention that goes to the word; t2i: the word's attention over the regions.</p>")
+        out.append(f"<div class=\"legend\"><span>colour scale: 0</span><span class=\"colorbar\" "
+                   f"style=\"background: {colorbar_css()}\"></span><span>the row's max (blended 50% over "
+                   f"the image)</span></div>")
         for pair in data["attention"]:
             view = split.image(pair["image_index"])
             if view_transform is not None:
@@ -354,15 +398,18 @@ def render_html(data: dict, split, title: str, metrics: dict | None = None, view
             out.append(f"<div class=\"attention-pair\" data-caption=\"{pair['caption']}\" "
                        f"data-image-id=\"{html.escape(pair['image_id'])}\"><p class=\"caption\">“"
                        f"{html.escape(pair['text'])}” and its top image {html.escape(pair['image_id'])} "
-                       f"({verdict})</p><div class=\"scroll\"><table class=\"attention\"><tr><th></th>")
+                       f"({verdict}; {len(pair['words'])} tokens, one map each)</p><div class=\"scroll\">"
+                       f"<table class=\"attention\"><tr><th class=\"corner\"></th>")
             out.extend(f"<th>{html.escape(word)}</th>" for word in pair["words"])
             out.append("</tr>")
             for level in pair["levels"]:
-                out.append(f"<tr><th class=\"level\">{html.escape(level['label'])} "
-                           f"({level['direction']}, {level['grid'][0]}×{level['grid'][1]} regions)</th>")
+                scale = _scale_max(level)
+                out.append(f"<tr><th class=\"level\" data-scale-max=\"{scale!r}\">{html.escape(level['label'])} "
+                           f"({level['direction']}, {level['grid'][0]}×{level['grid'][1]} regions)<br>"
+                           f"<span class=\"scale\">scale 0 .. {scale:.3f}</span></th>")
                 for weights in level["weights"]:
-                    out.append(f"<td><img class=\"heatmap\" alt=\"attention map\" "
-                               f"src=\"{heatmap(view, np.asarray(weights), tuple(level['grid']))}\">"
+                    source = heatmap(view, np.asarray(weights), tuple(level["grid"]), scale_max=scale)
+                    out.append(f"<td><img class=\"heatmap\" alt=\"attention map\" src=\"{source}\">"
                                f"max {max(weights):.3f}</td>")
                 out.append("</tr>")
             out.append("</table></div></div>")

@@ -232,9 +232,11 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
             network = torch.nn.parallel.DistributedDataParallel(model)
         loader.batch_sampler.set_epoch(epoch, progress["step"])
         lr = optimizer.param_groups[0]["lr"]
+        last_lr = lr  # the epoch line's: the learning rate of the epoch's last step
         bar = progress_bar(loader, f"epoch {epoch}", progress["step"], progress["step"] + len(loader),
                            settings.progress)
         for batch in bar:
+            last_lr = optimizer.param_groups[0]["lr"]
             try:
                 losses, skipped = optimizer_step(
                     network, lambda net, micro: plugin.loss(net, model, micro, epoch, gather), batch, optimizer,
@@ -280,7 +282,9 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
         for key, value in metrics.items():
             log(f"val.{key}", value, epoch)
         improved = progress["best_score"] is None or score > progress["best_score"]
-        print(f"epoch {epoch}: loss {loss:.4f} lr {lr:.2e} val i2t R@1 {metrics['i2t_r1']:.2f} "
+        # the learning rates the epoch's steps used: first..last under a per-step schedule
+        lrs = f"{lr:.2e}" if f"{lr:.2e}" == f"{last_lr:.2e}" else f"{lr:.2e}..{last_lr:.2e}"
+        print(f"epoch {epoch}: loss {loss:.4f} lr {lrs} val i2t R@1 {metrics['i2t_r1']:.2f} "
               f"t2i R@1 {metrics['t2i_r1']:.2f} rsum {metrics['rsum']:.2f}"
               f"{' (best)' if improved else ''}", flush=True)
         progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_sums={}, skipped=0)

@@ -9,6 +9,13 @@ A run folder holds run.json (status, times, result, named configs), config.json,
 metrics.json (per-epoch scalars) and info.json (the checkpoint); whatever is missing
 shows as "-".
 
+"best val" is the best epoch's sum of the run's select_metric validation values, named
+by `metric_label` ("r1 sum": i2t_r1 + t2i_r1, HAT's default; "rsum", Multi-SEA's): in
+the header when every listed run uses the same one ("best val (rsum)"), else before each
+value ("r1 sum 84.20", "rsum 386.50"). "checkpoint" is the file that exists of the one
+info.json names: a training run's best.ckpt, else the last.ckpt beside it (a run stopped
+before its first validation has only that), else "-".
+
 Status is Sacred's (COMPLETED, FAILED, INTERRUPTED, RUNNING, ...) with two of the
 browser's own: STALE is a RUNNING run whose last heartbeat (Sacred rewrites run.json
 every 10 s while the process lives; its times are UTC) is older than STALE_AFTER (5
@@ -106,6 +113,31 @@ def read_metrics_file(path: str) -> dict:
     return {name: series["values"] for name, series in metrics.items()}
 
 
+def metric_label(selected: list[str]) -> str:
+    """The name of the sum of the ``selected`` validation metrics: "rsum", "r1 sum"
+    (i2t_r1 + t2i_r1), a single key as it is, else the keys joined by "+"."""
+    if sorted(selected) == ["i2t_r1", "t2i_r1"]:
+        return "r1 sum"
+    return "+".join(selected)
+
+
+def existing_checkpoint(recorded: str) -> str:
+    """``recorded`` (info.json's checkpoint) when that file exists; for a best.ckpt that
+    does not, the last.ckpt in its folder when that one does; else "-"."""
+    if os.path.isfile(recorded):
+        return recorded
+    if os.path.basename(recorded) == "best.ckpt":
+        last = os.path.join(os.path.dirname(recorded), "last.ckpt")
+        if os.path.isfile(last):
+            return last
+    return "-"
+
+
+def _checkpoints(recorded: list[str]) -> str:
+    shown = [existing_checkpoint(path) for path in recorded]
+    return ", ".join(shown) if any(path != "-" for path in shown) else "-"
+
+
 def _result(record: dict) -> dict:
     """run.json's result when it is an object, else {} (a run records whatever it returned)."""
     result = record.get("result")
@@ -119,9 +151,10 @@ def utc_now() -> datetime:
 
 def run_summary(folder: str, now: datetime | None = None) -> dict:
     """One run's line: id, status, model, dataset, named configs, start time, duration,
-    best validation score (the highest sum of the select_metric values over the epochs),
-    test rSum and checkpoint. A RUNNING run whose last heartbeat (or start, before the
-    first) is older than STALE_AFTER before ``now`` (default: `utc_now`) is STALE.
+    best validation score (the highest sum of the select_metric values over the epochs;
+    "metric" names that sum, see `metric_label`), test rSum and checkpoint (the file that
+    exists, see `existing_checkpoint`). A RUNNING run whose last heartbeat (or start,
+    before the first) is older than STALE_AFTER before ``now`` (default: `utc_now`) is STALE.
     RunFolderError when one of its files is not what Sacred writes."""
     paths = {name: os.path.join(folder, f"{name}.json") for name in ("run", "config", "metrics", "info")}
     record, config, info = _read(paths["run"]), _read(paths["config"]), _read(paths["info"])
@@ -148,7 +181,8 @@ def run_summary(folder: str, now: datetime | None = None) -> dict:
         "duration": str(stop - start).split(".")[0] if start and stop else "-",
         "best val": f"{best:.2f}" if best is not None else "-",
         "test rsum": _fmt(result.get("rsum")),
-        "checkpoint": ", ".join(_strings(info, "checkpoint", paths["info"])) or "-",
+        "checkpoint": _checkpoints(_strings(info, "checkpoint", paths["info"])),
+        "metric": metric_label(selected),
     }
 
 
@@ -175,9 +209,23 @@ def run_folders(observer_dir: str) -> list[str]:
     return [os.path.join(observer_dir, name) for name in sorted(names, key=int)]
 
 
-def table(rows: list[dict], columns=COLUMNS) -> str:
-    widths = {c: max([len(c)] + [len(str(row[c])) for row in rows]) for c in columns}
-    lines = ["  ".join(c.ljust(widths[c]) for c in columns)]
+def listing_table(rows: list[dict]) -> str:
+    """The listing's table: "best val" named by its metric (`metric_label`), in the header
+    when every run with a best value uses the same one, else before each value."""
+    metrics = {row["metric"] for row in rows if row["best val"] != "-"}
+    if len(metrics) <= 1:
+        header = f"best val ({metrics.pop()})" if metrics else "best val"
+        return table(rows, headers={"best val": header})
+    rows = [dict(row, **{"best val": f"{row['metric']} {row['best val']}"}) if row["best val"] != "-" else row
+            for row in rows]
+    return table(rows)
+
+
+def table(rows: list[dict], columns=COLUMNS, headers: dict | None = None) -> str:
+    """``rows`` in aligned ``columns``, headed by their names (``headers``: others for some)."""
+    names = {c: (headers or {}).get(c, c) for c in columns}
+    widths = {c: max([len(names[c])] + [len(str(row[c])) for row in rows]) for c in columns}
+    lines = ["  ".join(names[c].ljust(widths[c]) for c in columns)]
     lines += ["  ".join(str(row[c]).ljust(widths[c]) for c in columns) for row in rows]
     return "\n".join(line.rstrip() for line in lines)
 
@@ -231,7 +279,7 @@ def main(argv=None) -> int:
             print(compare(*folders))
         else:
             rows, notes = listing(run_folders(args.dir))
-            print(table(rows))
+            print(listing_table(rows))
             for note in notes:
                 print(note, file=sys.stderr)
     except (FileNotFoundError, ValueError) as error:

@@ -27,6 +27,7 @@ def write_run(runs, run_id, run=GOOD, config=None, metrics=None, info=None):
              "info.json": info if info is not None else {"checkpoint": str(folder / "best.ckpt")}}
     for name, content in files.items():
         (folder / name).write_text(content if isinstance(content, str) else json.dumps(content))
+    (folder / "best.ckpt").touch()  # what a completed run's info.json names
     return folder
 
 
