@@ -126,6 +126,7 @@ def check_and_observe(config, command_name, logger):
             updates.update(recorded_updates(config))
             config = {**config, **updates}
             validate_config(config)
+            checks.check_offline_backbones(config)  # offline without the weights: one line, at once
         except (UsageError, ConfigProblem, CheckpointError) as error:  # before any work: one line, exit status 2
             print(f"ConfigError: {error}", file=sys.stderr)
             sys.exit(2)
@@ -141,12 +142,16 @@ def check_and_observe(config, command_name, logger):
 
 
 def recorded_updates(config) -> dict:
-    """test_only with a project checkpoint: the configuration it records, for the keys
-    not given on the command line (hat.checks.checkpoint_config_updates)."""
-    if not (config["test_only"] and config["checkpoint"] and os.path.isfile(str(config["checkpoint"]))):
+    """A run of project checkpoints (test_only, the gallery, an ensemble, fine-tuning from
+    checkpoint=): the configuration they record, for the keys not given on the command
+    line (hat.checks.checkpoint_config_updates); an ensemble's members share one
+    architecture. Released files record nothing."""
+    paths = [str(p) for p in (config.get("ensemble") or [config["checkpoint"]]) if p and os.path.isfile(str(p))]
+    if not paths or config["model"] not in model_names():
         return {}
-    recorded = recorded_config(config["checkpoint"])
-    if not recorded or config["model"] not in model_names():
+    members = [(path, recorded_config(path)) for path in paths]
+    members = [(path, recorded) for path, recorded in members if recorded]
+    if not members:
         return {}
     # given: keys on the command line, and keys (named configs, in-process updates) that
     # differ from the defaults of this model and dataset
@@ -154,9 +159,36 @@ def recorded_updates(config) -> dict:
     defaults = default_config(config["model"], config["dataset"], demo_recipe=config["demo_recipe"])
     given |= {key for key, value in config.items() if key not in defaults or defaults[key] != value}
     given |= {"model"} if config["model"] != "hat" else set()
-    updates, notes = checks.checkpoint_config_updates(config, recorded, given)
+    checks.check_one_architecture(config["model"], members)
+    updates, notes = checks.checkpoint_config_updates(config, members[0][1], given, path=members[0][0],
+                                                      fine_tune=not config["test_only"])
     NOTES[:] = notes
     return updates
+
+
+def with_recorded_model(argv: list[str]) -> list[str]:
+    """``argv`` with ``model=M`` added when it names a project checkpoint of model M
+    (checkpoint=, or the first of ensemble=) and selects no model itself: a Multi-SEA
+    checkpoint needs no ``with multisea`` (the model's keys exist only when it is selected,
+    so this is decided before Sacred builds the configuration)."""
+    if "with" not in argv:
+        return argv
+    updates = argv[argv.index("with") + 1:]
+    if any(u.startswith("model=") or "model" in NAMED_CONFIGS.get(u, {}) for u in updates):
+        return argv
+    for update in updates:
+        key, _, value = update.partition("=")
+        value = value.strip("'\"")
+        if key == "ensemble":
+            value = value.strip("[]").split(",")[0].strip().strip("'\"")
+        if key in ("checkpoint", "ensemble") and os.path.isfile(value):
+            try:
+                recorded = recorded_config(value) or {}
+            except CheckpointError:
+                return argv  # the configuration hook says what is wrong with it
+            if recorded.get("model") in model_names() and recorded["model"] != "hat":
+                return [*argv, f"model={recorded['model']}"]
+    return argv
 
 
 def validate_config(config) -> None:
@@ -234,8 +266,9 @@ def train_and_test(c, _run, signals) -> dict:
 
     tokenizer = load_tokenizer(c["text_backbone"])
     plugin = get_plugin(c["model"])(c)
-    # test_only builds the architecture alone: every weight comes from the checkpoint
-    model = plugin.build(pretrained=not c["test_only"]).to(device)
+    # test_only and fine-tuning from checkpoint= build the architecture alone: every
+    # weight comes from the checkpoint, so no backbone is downloaded
+    model = plugin.build(pretrained=not (c["test_only"] or c["checkpoint"])).to(device)
     pad = {"pad_id": pad_id_of(tokenizer), "pad_to": plugin.pad_to}
 
     def split_data(split: str) -> EvalData:
@@ -355,4 +388,4 @@ def prepare_data(dataset, raw_root, data_root, skip_missing_images, progress):
 
 
 if __name__ == "__main__":
-    ex.run_commandline()
+    ex.run_commandline(with_recorded_model(sys.argv))

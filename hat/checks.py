@@ -231,32 +231,86 @@ RUN_KEYS = ("test_only", "checkpoint", "data_root", "raw_root", "skip_missing_im
             "n_queries", "gallery_dir", "tensorboard", "verify_val_images")
 
 
-def checkpoint_config_updates(config: dict, recorded: dict, given: set) -> tuple[dict, list[str]]:
-    """test_only with a project checkpoint: the keys it records (its architecture,
-    tokenizer and data settings) for every key not ``given`` on the command line.
+# besides its architecture keys, what fine-tuning takes from a checkpoint's configuration
+# (the weights would not fit another input size: a ViT's position embeddings)
+FINE_TUNE_KEYS = ("image_size",)
+
+
+def checkpoint_config_updates(config: dict, recorded: dict, given: set, path: str | None = None,
+                              fine_tune: bool = False) -> tuple[dict, list[str]]:
+    """A run of a project checkpoint ``path`` (default: config["checkpoint"]): the keys it
+    records for every key not ``given`` on the command line. To evaluate it (test_only,
+    the gallery, an ensemble): its architecture, tokenizer and data settings; to fine-tune
+    it (``fine_tune``): its architecture keys and input size only (the recipe is the run's).
 
     A given key that changes the architecture against the recorded value is refused in
     one line naming both values; one that changes the scoring (a plug-in's
     ``scoring_keys``: HAT's direction, lambda_softmax) is allowed with a note for the run's
     output; other given keys (batch sizes, protocol) simply win. Returns (updates, notes)."""
-    path = config["checkpoint"]
+    path = path or config["checkpoint"]
+    purpose = "fine-tune" if fine_tune else "evaluate"
     if recorded.get("model", config["model"]) != config["model"]:
         if "model" in given:
             raise ConfigProblem(f"model={config['model']!r} conflicts with checkpoint={path}, a model="
-                                f"{recorded['model']!r} checkpoint; leave model out to evaluate it")
+                                f"{recorded['model']!r} checkpoint; leave model out to {purpose} it")
         raise ConfigProblem(f"checkpoint={path} is a model={recorded['model']!r} checkpoint: add "
                             f"`with {recorded['model']}` (its other settings are taken from the checkpoint)")
     plugin = get_plugin(config["model"])
+    taken = (*plugin.architecture_keys, *FINE_TUNE_KEYS) if fine_tune else None
     updates, notes = {}, []
     for key, value in recorded.items():
-        if key in RUN_KEYS or key not in config or config[key] == value:
+        if key in RUN_KEYS or key not in config or config[key] == value or (taken and key not in taken):
             continue
         if key not in given:
             updates[key] = value
         elif key in plugin.architecture_keys:
             raise ConfigProblem(f"{key}={config[key]!r} conflicts with checkpoint={path}, trained with "
-                                f"{key}={value!r}; leave {key} out to evaluate the checkpoint as trained")
-        elif key in plugin.scoring_keys:
+                                f"{key}={value!r}; leave {key} out to {purpose} the checkpoint as trained")
+        elif key in plugin.scoring_keys and not fine_tune:
             notes.append(f"note: scoring checkpoint={path} with {key}={config[key]!r}; it was trained with "
                          f"{key}={value!r}")
     return updates, notes
+
+
+def check_one_architecture(model: str, members: list[tuple[str, dict]]) -> None:
+    """The project checkpoints of an ensemble ((path, recorded configuration) each) share
+    one architecture: each is loaded into the same model."""
+    keys = get_plugin(model).architecture_keys
+    (first, reference), *others = members
+    for path, recorded in others:
+        for key in keys:
+            if key in reference and key in recorded and recorded[key] != reference[key]:
+                raise ConfigProblem(f"ensemble: {path} has {key}={recorded[key]!r}, {first} {key}="
+                                    f"{reference[key]!r}; the members of an ensemble share one architecture "
+                                    f"(evaluate them one by one with checkpoint=)")
+
+
+def check_offline_backbones(config) -> None:
+    """The pretrained backbones and the tokenizer a run needs, where they are neither local
+    files nor in the HF cache, can be downloaded. Offline (HF_HUB_OFFLINE=1, or one request
+    to the hub without an answer, which also turns the hub's offline mode on) raises one
+    ConfigProblem naming every missing one with every way out: local files, random
+    weights, the packaged MiniLM, demo_recipe=True. No request when nothing is missing."""
+    from hat.backbones import hub_unreachable, image_need, offline_message, text_files_missing, text_need, \
+        timm_weights_cached
+
+    training = not config.get("test_only")
+    # test_only and fine-tuning from checkpoint= build the architecture alone (run.py):
+    # every weight comes from the checkpoint, only the tokenizer is needed
+    weights = training and not config.get("checkpoint")
+    needs = []
+    image = config.get("image_backbone")
+    if weights and image and config.get("image_pretrained") and not config.get("image_weights") \
+            and timm_weights_cached(image) is False:
+        needs.append(image_need(image))
+    text = config.get("text_backbone")
+    if text:  # every model tokenizes with it; the model's own keys say whether it is also a backbone
+        missing = text_files_missing(text, weights=weights and bool(config.get("text_pretrained")),
+                                     architecture="text_pretrained" in config)
+        if missing:
+            needs.append(text_need(text, missing, level_pairs="level_pairs" in config, training=training))
+    if not needs:
+        return
+    reason = hub_unreachable(needs[0][0].split("=", 1)[1])
+    if reason:
+        raise ConfigProblem(offline_message(needs, reason, demo=weights and not config.get("demo_recipe")))

@@ -59,3 +59,88 @@ def test_what_runs_write_is_not_tracked_by_git():
     kept = subprocess.run(["git", "-C", ROOT, "check-ignore", "hat/runs.py", "tests/data/hat_state_dict.txt"],
                           capture_output=True, text=True).stdout
     assert kept == ""
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoints(tmp_path_factory):
+    """Untrained tiny demo checkpoints (HAT twice, seeds 0 and 1; Multi-SEA) and a data
+    root holding the demo's arrow files under both the demo's and Flickr30K's names."""
+    import shutil
+
+    from datamodules.demo import ensure_demo_data
+    from hat.checkpoint import save_checkpoint
+    from hat.defaults import default_config
+    from hat.plugins import get_plugin
+
+    folder = tmp_path_factory.mktemp("tiny")
+    root = ensure_demo_data(str(folder / "data"), 48, 12)
+    for split in ("train", "val", "test"):
+        shutil.copyfile(os.path.join(root, f"demo_caption_{split}.arrow"),
+                        os.path.join(root, f"f30k_caption_karpathy_{split}.arrow"))
+    paths = {}
+    for name, model, seed, extra in (("hat0", "hat", 0, {"swin_depths": [1, 1, 1, 1], "embed_dim": 32}),
+                                     ("hat1", "hat", 1, {"swin_depths": [1, 1, 1, 1], "embed_dim": 32}),
+                                     ("multisea", "multisea", 0, {})):
+        config = default_config(model, "demo", data_root=root, demo_train_images=48, demo_eval_images=12, **extra)
+        torch.manual_seed(seed)
+        network = get_plugin(model)(config).build(pretrained=True)
+        paths[name] = save_checkpoint(str(folder / f"{name}.ckpt"), network, config=config)
+    return paths, root
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([sys.executable, "run.py", *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+
+def test_fine_tuning_a_checkpoint_takes_its_architecture_and_downloads_nothing(tiny_checkpoints, tmp_path):
+    """A demo checkpoint fine-tuned with the Flickr30K recipe: its architecture (tiny Swin,
+    MiniLM, levels, 64 px) comes from the checkpoint, the recipe (epochs, batch, lr) from
+    the run; no backbone is downloaded (offline here)."""
+    import json
+
+    paths, root = tiny_checkpoints
+    proc = cli("with", f"checkpoint={paths['hat0']}", f"data_root={root}", f"observer_dir={tmp_path / 'runs'}",
+               "max_epoch=1", "progress=False", "eval_batch_size=16", "gallery=False")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "runs" / "1" / "config.json").read_text())
+    assert (config["swin_depths"], config["embed_dim"], config["text_backbone"], config["image_size"]) == (
+        [1, 1, 1, 1], 32, "packaged-minilm", 64)
+    assert (config["per_gpu_batchsize"], config["learning_rate"], config["max_epoch"]) == (58, 1e-4, 1)
+    refused = cli("with", f"checkpoint={paths['hat0']}", f"data_root={root}", "embed_dim=64", "-u")
+    assert refused.returncode == 2
+    assert f"ConfigError: embed_dim=64 conflicts with checkpoint={paths['hat0']}, trained with embed_dim=32; " \
+           f"leave embed_dim out to fine-tune the checkpoint as trained" in refused.stderr
+
+
+def test_an_ensemble_takes_its_members_configuration(tiny_checkpoints, tmp_path):
+    paths, root = tiny_checkpoints
+    members = f"ensemble=['{paths['hat0']}','{paths['hat1']}']"
+    proc = cli("with", "test_only=True", members, f"data_root={root}", "-u", "eval_batch_size=16", "gallery=False")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "testing ensemble of 2 on the test split of demo" in proc.stdout
+
+
+def test_ensemble_members_of_two_architectures_are_one_line(tiny_checkpoints, tmp_path):
+    from hat.checks import check_one_architecture
+    from hat.plugins import ConfigProblem
+
+    with pytest.raises(ConfigProblem, match=r"^ensemble: b.ckpt has embed_dim=64, a.ckpt embed_dim=32; the members "
+                                            r"of an ensemble share one architecture"):
+        check_one_architecture("hat", [("a.ckpt", {"embed_dim": 32}), ("b.ckpt", {"embed_dim": 64})])
+
+
+def test_a_multisea_checkpoint_needs_no_with_multisea(tiny_checkpoints):
+    from run import with_recorded_model
+
+    paths, root = tiny_checkpoints
+    argv = ["run.py", "with", "test_only=True", f"checkpoint={paths['multisea']}"]
+    assert with_recorded_model(argv) == [*argv, "model=multisea"]
+    assert with_recorded_model(["run.py", "with", "multisea", f"checkpoint={paths['multisea']}"]) == [
+        "run.py", "with", "multisea", f"checkpoint={paths['multisea']}"]
+    assert with_recorded_model(["run.py", "with", f"checkpoint={paths['hat0']}"]) == [
+        "run.py", "with", f"checkpoint={paths['hat0']}"]
+    proc = cli("with", "test_only=True", f"checkpoint={paths['multisea']}", f"data_root={root}", "-u",
+               "eval_batch_size=16", "gallery=False")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "rsum" in proc.stdout and "Multi-SEA" not in proc.stderr

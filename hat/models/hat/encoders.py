@@ -18,8 +18,8 @@ import timm
 import torch
 from torch import nn
 
-from hat.backbones import (BackboneError, download_hint, from_hub_or_cache, pretrained_timm_state,
-                           resolve_text_backbone, text_config)
+from hat.backbones import (BackboneError, check_image_weights, from_hub_or_cache, pretrained_timm_state,
+                           resolve_text_backbone, text_config, text_weights_error)
 
 
 class SwinStages(nn.Module):
@@ -36,6 +36,8 @@ class SwinStages(nn.Module):
         bad = [s for s in self.stages if not 1 <= s <= num_stages]
         if bad:
             raise ValueError(f"image stages {bad} outside 1..{num_stages} of {model_name}")
+        if pretrained or weights:  # offline without the weights: fail before building anything
+            check_image_weights(model_name, weights)
         self.body = timm.create_model(
             model_name, pretrained=False, features_only=True, img_size=image_size,
             out_indices=tuple(s - 1 for s in self.stages), **model_kwargs,
@@ -81,9 +83,8 @@ class BertLayers(nn.Module):
             load = partial(BertModel.from_pretrained, **overrides)
             try:
                 self.bert = load(path) if os.path.isdir(path) else from_hub_or_cache(load, path)
-            except OSError as error:
-                raise BackboneError(f"text_backbone={model_name}: weights not found locally or on "
-                                    f"the hub; {download_hint(model_name)}") from error
+            except OSError as error:  # offline: one line with every way out (HAT: level_pairs too)
+                raise text_weights_error(model_name, error, level_pairs=True) from error
         else:
             config = text_config(model_name)
             for key, value in overrides.items():

@@ -16,8 +16,8 @@ import os
 import timm
 from torch import nn
 
-from hat.backbones import (BackboneError, download_hint, from_hub_or_cache, pretrained_timm_state,
-                           resolve_text_backbone)
+from hat.backbones import (check_image_weights, from_hub_or_cache, pretrained_timm_state, resolve_text_backbone,
+                           text_weights_error)
 from hat.backbones import text_config as backbone_text_config
 
 CLIP_VIT_B16 = "vit_base_patch16_clip_quickgelu_224.openai"
@@ -39,6 +39,8 @@ def build_clip_vision(model_name: str = CLIP_VIT_B16, depth: int = 11, pretraine
     tag, or ``weights``: a local timm checkpoint file) are those of the full-depth model
     with the blocks beyond ``depth`` dropped. timm_kwargs override the architecture
     (patch_size, embed_dim, num_heads, ...: a tiny ViT for the demo)."""
+    if pretrained or weights:  # offline without the weights: fail before building anything
+        check_image_weights(model_name, weights)
     vit = timm.create_model(model_name, pretrained=False, num_classes=0, depth=depth,
                             img_size=image_size, **timm_kwargs)
     if pretrained or weights:
@@ -78,11 +80,8 @@ def build_text_encoder(text_backbone: str = "roberta-base", pretrained: bool = T
         try:
             model = (AutoModel.from_pretrained(path) if os.path.isdir(path)
                      else from_hub_or_cache(AutoModel.from_pretrained, path))
-        except OSError as error:
-            raise BackboneError(
-                f"text_backbone={text_backbone}: weights not found locally or on the hub; "
-                f"{download_hint(text_backbone)}"
-            ) from error
+        except OSError as error:  # offline: one line with every way out
+            raise text_weights_error(text_backbone, error) from error
     else:
         model = AutoModel.from_config(text_config(text_backbone))
     if getattr(model, "pooler", None) is None:
