@@ -13,6 +13,7 @@ This file is the wiring: configuration in, Sacred records out.
 from __future__ import annotations
 
 import difflib
+import logging
 import os
 import random
 import sys
@@ -39,14 +40,23 @@ from hat.backbones import BackboneError, load_tokenizer
 from hat.checkpoint import CheckpointError, load_model_weights, recorded_config
 from hat.curves import ScalarLog, curves_title, plot_curves, tensorboard_folder
 from hat.defaults import default_config
-from hat.distributed import broadcast_from_main, init_distributed, is_main_process, world
+from hat.distributed import broadcast_from_main, init_distributed, is_main_process, quiet_unless_main, world
 from hat.evaluation import METRIC_KEYS, EvalData, NonFiniteScores, format_table
 from hat.gallery import write_gallery
 from hat.loop import LoopSettings, StopRequested, StopSignals, TrainingFailed, fit
 from hat.plugins import ConfigProblem, EvalOptions, get_plugin, model_names
 from hat.run_folders import checkpoint_folder, resume_checkpoint
 
+class _ObservedOrOnPurpose(logging.Filter):
+    """Drop Sacred's "No observers have been added to this run": the training commands
+    record every run (observer_dir), and prepare_data writes arrow files, not a run."""
+
+    def filter(self, record) -> bool:
+        return "No observers have been added" not in record.getMessage()
+
+
 ex.captured_out_filter = apply_backspaces_and_linefeeds
+logging.getLogger(ex.path).addFilter(_ObservedOrOnPurpose())
 hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars: noise in cout.txt
 SETTINGS.CAPTURE_MODE = "sys"  # tqdm and print both land in cout.txt
 
@@ -217,7 +227,7 @@ def guarded(c, _run) -> dict:
     either way the run's record keeps the end of its output and the message."""
     for note in NOTES:
         print(note, flush=True)
-    with StopSignals() as signals:
+    with StopSignals() as signals, quiet_unless_main():
         try:
             return train_and_test(c, _run, signals)
         except (DataError, CheckpointError, BackboneError, ConfigProblem, TrainingFailed) as error:

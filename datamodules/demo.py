@@ -204,8 +204,9 @@ def ensure_demo_data(cache_dir: str | None = None, train_images: int = 2000, eva
         meta_path = os.path.join(folder, "demo_meta.json")
         if os.path.exists(meta_path):  # an incomplete set: its files are written again
             os.remove(meta_path)
+        where = "" if cache_dir is None else " (data_root; leave it out to keep the demo data in the cache)"
         print(f"generating demo data ({train_images} train, {eval_images} val, {eval_images} test "
-              f"images) in {folder}", flush=True)
+              f"images) in {os.path.abspath(folder)}{where}", flush=True)
         plan = plan_demo(train_images, eval_images, seed)
         paths = _demo_paths(folder)
         for offset, split in enumerate(("test", "val", "train")):

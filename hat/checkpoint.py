@@ -108,6 +108,22 @@ def save_checkpoint(path: str, model, optimizer=None, scheduler=None, epoch: int
         ) from error
 
 
+def link_checkpoint(source: str, path: str) -> bool:
+    """Make ``path`` a second name of the checkpoint file ``source`` (a hard link, put in
+    place atomically: ``path`` is the old file or the new name, never half of either).
+    Every later write of either name replaces its file, so the other keeps its contents.
+    False where the file system has no hard links (the caller writes the file instead)."""
+    temporary = f"{path}.tmp-link-{os.getpid()}"
+    try:
+        os.link(source, temporary)
+        os.replace(temporary, path)
+        return True
+    except OSError:
+        if os.path.lexists(temporary):
+            os.remove(temporary)
+        return False
+
+
 def atomic_save(state, path: str) -> str:
     """torch.save ``state`` to ``path`` atomically (`datamodules.atomic.atomic_file`): a
     failed or interrupted write leaves ``path`` as it was and no temporary file."""

@@ -2,6 +2,7 @@
 keeps gradients (so every rank scores the whole global batch)."""
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -26,6 +27,18 @@ def init_distributed(device_type: str) -> None:
 
 def is_main_process() -> bool:
     return world()[0] == 0
+
+
+@contextlib.contextmanager
+def quiet_unless_main():
+    """Under torchrun, the standard output of ranks other than 0 goes nowhere inside the
+    block (every rank runs the same code: each line would print once per process);
+    their standard error (warnings, errors) stays."""
+    if is_main_process():
+        yield
+        return
+    with open(os.devnull, "w") as nowhere, contextlib.redirect_stdout(nowhere):
+        yield
 
 
 def active_world() -> tuple[int, int]:

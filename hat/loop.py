@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from hat.checkpoint import load_training_state, non_finite_parameters, save_checkpoint
+from hat.checkpoint import link_checkpoint, load_training_state, non_finite_parameters, save_checkpoint
 from hat.distributed import barrier, gather_padded, is_main_process, world
 from hat.evaluation import NonFiniteScores
 
@@ -176,13 +176,15 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
     # after that many steps, which a later finite loss has shown to be good
     written = {}
 
-    def save(path, metrics=None):
+    def save(path, metrics=None, same_as=None):
+        """Write checkpoint ``path``; ``same_as``: a checkpoint of this very state, written
+        just before, that ``path`` becomes a second name of (one file on disk)."""
         bad = non_finite_parameters(model)
         if bad:  # the update diverged although the loss was still finite: keep what is on disk
             raise TrainingFailed(f"the weights became NaN/infinite ({len(bad)} parameter(s), first: {bad[0]}) "
                                  f"by epoch {progress['epoch']}, step {progress['step']}; nothing was written; "
                                  f"{last_good()}; lower learning_rate")
-        if is_main_process():  # rank 0 writes the checkpoints
+        if is_main_process() and not (same_as and link_checkpoint(same_as, path)):  # rank 0 writes them
             save_checkpoint(path, model, optimizer, scheduler, progress["epoch"], config, metrics,
                             step=progress["step"], loss_sum=progress["loss_sum"], loss_sums=progress["loss_sums"],
                             skipped=progress["skipped"], best_score=progress["best_score"],
@@ -291,7 +293,7 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
         if improved:
             progress["best_score"] = score
             save(best_path, metrics)
-        save(last_path, metrics)
+        save(last_path, metrics, same_as=best_path if improved else None)
         if signals.received:  # it came during validation
             raise StopRequested(f"{signals.received} at the end of epoch {epoch}; resume with "
                                 f"resume_from={last_path}")

@@ -31,6 +31,7 @@ def _run(prefix, data_root, observer, per_gpu_batchsize):
     assert run_dirs == ["1"]  # only rank 0 records the run
     metrics = json.loads((observer / "1" / "metrics.json").read_text())
     result = json.loads((observer / "1" / "run.json").read_text())["result"]
+    assert proc.stdout.count("training on ") == 1  # rank 0 alone prints
     return metrics["train.step_loss"]["values"], result
 
 

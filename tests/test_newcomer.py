@@ -144,3 +144,45 @@ def test_a_multisea_checkpoint_needs_no_with_multisea(tiny_checkpoints):
                "eval_batch_size=16", "gallery=False")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "rsum" in proc.stdout and "Multi-SEA" not in proc.stderr
+
+
+def test_best_and_last_of_the_same_epoch_are_one_file(tmp_path):
+    """An epoch that improves writes best.ckpt and last.ckpt of one state: one file with
+    two names; a later write of last.ckpt leaves best.ckpt as it was."""
+    from hat.checkpoint import atomic_save, load_checkpoint
+    from run import ex
+    from tests.toy_model import registered_toy
+
+    with registered_toy():
+        run = ex.run(named_configs=["demo"], config_updates={
+            "model": "toy", "data_root": str(tmp_path / "data"), "observer_dir": str(tmp_path / "runs"),
+            "demo_train_images": 48, "demo_eval_images": 12, "eval_batch_size": 16, "progress": False})
+    folder = tmp_path / "runs" / str(run._id)
+    assert os.path.samefile(folder / "best.ckpt", folder / "last.ckpt")
+    best = load_checkpoint(str(folder / "best.ckpt"))
+    atomic_save({"format": "hat-toolkit", "model": {}, "config": {}}, str(folder / "last.ckpt"))
+    assert not os.path.samefile(folder / "best.ckpt", folder / "last.ckpt")
+    again = load_checkpoint(str(folder / "best.ckpt"))
+    assert again["epoch"] == best["epoch"] and all(torch.equal(again["model"][k], v) for k, v in best["model"].items())
+    assert not list(folder.glob("*.tmp-*"))
+
+
+def test_prepare_data_and_print_config_say_nothing_misleading():
+    proc = subprocess.run([sys.executable, "run.py", "prepare_data", "with", "dataset=f30k", "raw_root=/nonexistent",
+                           "data_root=/nonexistent-out"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1 and "No observers" not in proc.stderr and "raw_root=/nonexistent" in proc.stderr
+    shown = subprocess.run([sys.executable, "run.py", "print_config", "with", "multisea"], cwd=ROOT,
+                           capture_output=True, text=True, timeout=120).stdout
+    lines = {line.split("=")[0].strip(): line for line in shown.splitlines() if " = " in line}
+    assert "Swin" not in lines["image_backbone"].replace("HAT: a Swin", "")  # no HAT-only comment on a shared key
+    assert "Multi-SEA" in lines["learning_rate"] and "Multi-SEA" in lines["embed_dim"]
+
+
+def test_a_demo_data_root_is_named_in_full(tmp_path, monkeypatch, capsys):
+    from datamodules.demo import ensure_demo_data
+
+    monkeypatch.chdir(tmp_path)
+    ensure_demo_data("DATA", 4, 2)
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert line == (f"generating demo data (4 train, 2 val, 2 test images) in {tmp_path / 'DATA'} (data_root; "
+                    f"leave it out to keep the demo data in the cache)")

@@ -13,9 +13,9 @@ from hat.rules import integer, number
 def hat_config(model, demo_recipe):
     # HAT's keys and the paper's recipe (Flickr30K and MSCOCO alike)
     if model == "hat":
-        image_backbone = "swin_base_patch4_window7_224.ms_in22k"  # timm Swin name
-        image_pretrained = True  # load timm weights (hub download, or image_weights)
-        image_weights = None  # local timm/Microsoft Swin checkpoint (.pth, .bin, .safetensors)
+        image_backbone = "swin_base_patch4_window7_224.ms_in22k"  # the image encoder, a timm name (HAT: a Swin; Multi-SEA: a CLIP ViT)
+        image_pretrained = True  # load the image encoder's pretrained weights (hub download, or image_weights)
+        image_weights = None  # a local weight file of the image encoder (.pth, .bin, .safetensors)
         drop_path_rate = 0.1  # Swin stochastic depth
         swin_embed_dim = None  # Swin architecture override (None: the named model's own)
         swin_depths = None  # Swin architecture override, e.g. [2, 2, 2, 2]
@@ -25,7 +25,7 @@ def hat_config(model, demo_recipe):
         text_pretrained = True  # load the text backbone's weights
         text_dropout = None  # None: the text backbone's own dropout; 0.0 turns it off
         level_pairs = [[2, 4], [3, 10], [4, 12]]  # (Swin stage, BERT layer), 1-based: low, mid, high
-        embed_dim = 768  # width of the six projections
+        embed_dim = 768  # width of the joint space (HAT: its six projections; Multi-SEA: the AFormer)
         lambda_softmax = 9.0  # SCAN attention temperature
         direction = "i2t"  # i2t: regions attend to words; t2i: words attend to regions
         margin = 0.2  # VSE++ triplet margin
@@ -33,7 +33,7 @@ def hat_config(model, demo_recipe):
         same_image_mask = False  # True: captions of the same image in a batch are not negatives
         recompute_scores = True  # training: score tiles recomputed in backward (memory of one tile, not B^2)
         per_gpu_batchsize = 58  # micro-batch per process (captions, each with its image)
-        learning_rate = 1e-4  # Adam, no weight decay
+        learning_rate = 1e-4  # peak learning rate (HAT: Adam, no weight decay; Multi-SEA: AdamW, see its *_lr)
         lr_step_epochs = 10  # StepLR step
         lr_gamma = 0.1  # StepLR factor
         max_epoch = 100  # training epochs
