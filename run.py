@@ -290,7 +290,8 @@ def train_and_test(c, _run, signals) -> dict:
         checkpoints = plugin.test_checkpoints()
         log = scalar_log(c, _run, run_dir)
     else:
-        train_data = plugin.training_data(open_split(data_root, c["dataset"], "train"), tokenizer,
+        train_split = open_split(data_root, c["dataset"], "train")
+        train_data = plugin.training_data(train_split, tokenizer,
                                           build_transform(c["image_transform"], c["image_size"], train=True))
         batch = c["batch_size"] or c["per_gpu_batchsize"] * world_size
         checks.check_fills_a_batch(c, len(train_data), plugin.training_unit, batch)
@@ -312,7 +313,9 @@ def train_and_test(c, _run, signals) -> dict:
             _run.info["initialized_from"] = {"checkpoint": os.path.abspath(c["checkpoint"]), **loaded}
             print(f"initialised the model from checkpoint={c['checkpoint']} ({loaded['format']})", flush=True)
         val_data = split_data("val")
-        checks.check_split_images(data_root, c["dataset"], ("train", "val", "test"), c["verify_val_images"])
+        checks.check_split_images({"train": train_split, "val": val_data.images.dataset.split,
+                                   "test": open_split(data_root, c["dataset"], "test")}, c["dataset"],
+                                  data_root, c["verify_val_images"])
         checkpoints = [fit(plugin, model, train_data, loader, device, settings, out_dir, signals,
                            lambda: plugin.evaluate(model, val_data, device, EvalOptions(split="val")),
                            log, _run.info, c, resume_path)]

@@ -9,7 +9,7 @@ import time
 
 import torch
 
-from datamodules import DataError, check_data_root, open_split
+from datamodules import DataError, check_data_root
 from datamodules.arrow import SPLIT_FILES, fewest_captions
 from datamodules.demo import CAPTIONS_PER_IMAGE as DEMO_CAPTIONS
 from datamodules.transforms import TRANSFORM_NAMES
@@ -178,13 +178,13 @@ def check_fills_a_batch(config, items: int, unit: str, batch: int) -> None:
 VERIFY_AT_MOST = 2000  # verify_val_images=None decodes every val image of splits this small
 
 
-def check_split_images(data_root: str, dataset: str, splits, verify_val=None) -> None:
-    """Before the first training step: open every split and decode its first image, and
-    every image of the val split when ``verify_val`` is True (None: when it has at most
-    VERIFY_AT_MOST images); a bad image would otherwise end the run after an epoch.
-    Raises DataError naming the image and its file."""
-    for split in splits:
-        data = open_split(data_root, dataset, split)
+def check_split_images(splits: dict, dataset: str, data_root: str, verify_val=None) -> None:
+    """Before the first training step: decode the first image of every split in
+    ``splits`` ({name: the opened ArrowSplit}), and every image of the val split when
+    ``verify_val`` is True (None: when it has at most VERIFY_AT_MOST images); a bad image
+    would otherwise end the run after an epoch. Raises DataError naming the image and its
+    file."""
+    for split, data in splits.items():
         if len(data) == 0:
             raise DataError(f"the {split} split of dataset={dataset} in data_root={data_root} has no images; "
                             f"write its arrow file again (prepare_data)")
