@@ -6,7 +6,7 @@
 
 Builds the features an evaluation holds (three levels, R 784/196/49, D 768, captions of
 8-32 tokens padded to 32) in the storage dtype, then runs the evaluation path of
-hat.evaluation: level_similarities -> sum -> recall and per-level recall on the full
+hat.models.hat.evaluation: level_similarities -> sum -> recall and per-level recall on the full
 [N_images, N_captions] matrix. On CPU a full Flickr30K score takes many minutes, so by
 default only the first --score-captions captions are scored (the rest of the matrix is
 filled by repeating that block; the tiles, and so the working memory, are the same) and
@@ -25,7 +25,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from hat.models.hat.model import summed_scores  # noqa: E402
-from hat.evaluation import level_metrics, level_similarities, recall  # noqa: E402
+from hat.evaluation import recall  # noqa: E402
+from hat.models.hat.evaluation import level_metrics, level_similarities  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 

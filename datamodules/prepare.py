@@ -243,9 +243,8 @@ def main(argv=None) -> int:
     try:
         prepare_dataset(args.dataset, args.raw_root, args.data_root, args.skip_missing_images,
                         karpathy_json=args.karpathy_json, progress=not args.no_progress)
-    except DataError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except DataError as error:  # one line on stderr, exit status 2 (as for a usage error)
+        parser.exit(2, f"error: {error}\n")
     return 0
 
 

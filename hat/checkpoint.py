@@ -209,6 +209,38 @@ def load_training_state(path: str, model, optimizer, scheduler, model_kind: str)
     return state
 
 
+def load_mapped_state_dict(model, source: dict, name_map: dict[str, str], skipped=lambda key: False,
+                           source_shape=lambda ours, shape: tuple(shape)) -> dict:
+    """Load ``source``, a state dict under another layout's names (a released checkpoint's),
+    into ``model``; checks every key and shape first.
+
+    ``name_map``: each entry of ``model.state_dict()`` -> its name in ``source``;
+    ``skipped(key)``: true for the source keys that are deliberately not used;
+    ``source_shape(ours, shape)``: the shape the tensor of our entry ``ours`` (of shape
+    ``shape``) has in ``source`` (loaded tensors are reshaped to ours). Returns
+    {"loaded": n, "skipped": [the skipped keys, sorted]}; raises ValueError listing the
+    missing, unexpected and mis-shaped keys if anything does not match."""
+    wanted = {name: ours for ours, name in name_map.items()}
+    own = model.state_dict()
+    skipped_keys = sorted(key for key in source if skipped(key))
+    unused = set(skipped_keys)
+    unexpected = sorted(key for key in source if key not in wanted and key not in unused)
+    missing = sorted(key for key in wanted if key not in source)
+    mis_shaped = sorted(
+        f"{key} {tuple(source[key].shape)} vs {source_shape(ours, own[ours].shape)}"
+        for key, ours in wanted.items()
+        if key in source and tuple(source[key].shape) != source_shape(ours, own[ours].shape)
+    )
+    if missing or unexpected or mis_shaped:
+        def show(keys):
+            return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
+        raise ValueError(f"the released checkpoint does not fit the configured model: missing "
+                         f"{show(missing)}, unexpected {show(unexpected)}, mis-shaped {show(mis_shaped)}")
+    model.load_state_dict({ours: source[name].reshape(own[ours].shape) for name, ours in wanted.items()},
+                          strict=True)
+    return {"loaded": len(wanted), "skipped": skipped_keys}
+
+
 def load_model_weights(model, path: str, state=None) -> dict:
     """Load weights into ``model`` from a project checkpoint or one of the authors'
     released Lightning checkpoints (recognised by the registered model plug-ins). Returns a
@@ -234,7 +266,7 @@ def load_model_weights(model, path: str, state=None) -> dict:
     for plugin in adapters:
         if isinstance(released, dict) and plugin.is_released(released):
             if not plugin.accepts(model):
-                raise CheckpointError(f"checkpoint={path} is a released {plugin.title} checkpoint; the "
+                raise CheckpointError(f"checkpoint={path} is a released {plugin.display_name()} checkpoint; the "
                                       f"configured model is a {model.__class__.__name__} (use model={plugin.name})")
             try:
                 info = plugin.load_released(model, released)
@@ -243,5 +275,5 @@ def load_model_weights(model, path: str, state=None) -> dict:
             check_finite_parameters(model, path)
             return {"format": plugin.released_format, "epoch": state.get("epoch"), **info}
     raise CheckpointError(f"checkpoint={path} is neither a {FORMAT} checkpoint nor a released "
-                          f"{' or '.join(p.title for p in adapters)} checkpoint (no 'state_dict' with "
+                          f"{' or '.join(p.display_name() for p in adapters)} checkpoint (no 'state_dict' with "
                           f"{' or '.join(p.released_keys for p in adapters)} keys)")

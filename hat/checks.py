@@ -222,7 +222,7 @@ def resolve_precision(config) -> str:
     """precision=auto: the model's choice on CUDA (HAT fp16, Multi-SEA fp32), fp32 on the CPU."""
     if config["precision"] != "auto":
         return config["precision"]
-    return getattr(get_plugin(config["model"]), "cuda_precision", "fp32") if on_cuda(config) else "fp32"
+    return get_plugin(config["model"]).cuda_precision if on_cuda(config) else "fp32"
 
 
 # keys that say where a run went or how it was watched, never what a checkpoint is

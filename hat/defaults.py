@@ -66,12 +66,21 @@ def demo_defaults(demo_recipe):
         max_text_len = 32
 
 
-def default_config(model: str = "hat", dataset: str = "f30k", **updates) -> dict:
-    """The configuration a run of ``model`` on ``dataset`` starts from (the runner's
-    defaults, the model's recipe, the demo's small models when ``dataset="demo"``), with
-    ``updates`` applied like command-line keys. Plain dict; no Sacred run is created."""
+def default_selectors() -> dict:
+    """{"model", "dataset"}: what a run selects when nothing is named (`runner_defaults`)."""
+    config = ConfigScope(runner_defaults)()
+    return {"model": config["model"], "dataset": config["dataset"]}
+
+
+def default_config(model: str | None = None, dataset: str | None = None, **updates) -> dict:
+    """The configuration a run of ``model`` on ``dataset`` (None: the default selectors)
+    starts from (the runner's defaults, the model's recipe, the demo's small models when
+    ``dataset="demo"``), with ``updates`` applied like command-line keys. Plain dict; no
+    Sacred run is created."""
     from hat.plugins import get_plugin
 
+    selectors = default_selectors()
+    model, dataset = model or selectors["model"], dataset or selectors["dataset"]
     plugin = get_plugin(model)
     scopes = [ConfigScope(runner_defaults)] + ([ConfigScope(plugin.config)] if plugin.config else []) + [
         ConfigScope(demo_defaults)]

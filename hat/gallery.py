@@ -1,8 +1,8 @@
 """What a model retrieves, for people and for scripts: ``gallery.html`` and ``retrievals.json``.
 
 After a test evaluation (and ``python run.py gallery with checkpoint=...``) the runner
-passes the score matrices the evaluation ranked (`hat.plugins.EvalOptions` with
-``keep_scores``) to `write_gallery`, which writes into the run's folder:
+passes the score matrices the evaluation ranked (`hat.plugins.Evaluation.scores`, kept
+with ``EvalOptions.keep_scores``) to `write_gallery`, which writes into the run's folder:
 
 * ``retrievals.json``: for every query of the split, the top ``json_k`` (10) results with
   their scores, in both directions: ``i2t`` keyed by the arrow files' ``image_id``, ``t2i``
@@ -325,6 +325,85 @@ def _score_text(result: dict) -> str:
     return text
 
 
+def _caption_queries(queries: list, thumb) -> list[str]:
+    """The caption queries, each with its top-5 images."""
+    out = ["<h2 id=\"text-to-image\">Caption → top-5 images</h2>"]
+    for query in queries:
+        failure = query["gt_rank"] > 1
+        out.append(f"<div class=\"query caption-query{' failure' if failure else ''}\" "
+                   f"data-caption=\"{query['caption']}\" data-gt-rank=\"{query['gt_rank']}\">")
+        out.append(f"<p class=\"caption\">“{html.escape(query['text'])}” "
+                   f"<span class=\"rank\">ground truth at rank {query['gt_rank']}</span></p><ol class=\"results\">")
+        for position, result in enumerate(query["results"], start=1):
+            gt = result["ground_truth"]
+            image_id = html.escape(result["image_id"])
+            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-image-id=\"{image_id}\" "
+                       f"data-image-index=\"{result['image_index']}\"><img alt=\"image {image_id}\" "
+                       f"src=\"{thumb(result['image_index'])}\"><br>{position}. "
+                       f"<span class=\"score\">{_score_text(result)}</span>"
+                       f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
+        out.append("</ol></div>")
+    return out
+
+
+def _image_queries(queries: list, thumb) -> list[str]:
+    """The image queries, each with its top-5 captions."""
+    out = ["<h2 id=\"image-to-text\">Image → top-5 captions</h2>"]
+    for query in queries:
+        failure = query["gt_rank"] > 1
+        out.append(f"<div class=\"query image-query{' failure' if failure else ''}\" "
+                   f"data-image-id=\"{html.escape(query['image_id'])}\" data-image-index=\"{query['image_index']}\" "
+                   f"data-gt-rank=\"{query['gt_rank']}\"><div class=\"query-image\">"
+                   f"<img alt=\"query image {html.escape(query['image_id'])}\" src=\"{thumb(query['image_index'])}\">"
+                   f"<p class=\"rank\">{html.escape(query['image_id'])}: first ground-truth caption at rank "
+                   f"{query['gt_rank']}</p></div><ol class=\"results captions\">")
+        for position, result in enumerate(query["results"], start=1):
+            gt = result["ground_truth"]
+            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-caption=\"{result['caption']}\">{position}. "
+                       f"{html.escape(result['text'])}<br><span class=\"score\">{_score_text(result)}</span>"
+                       f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
+        out.append("</ol></div>")
+    return out
+
+
+def _attention_section(pairs: list, split, view_transform) -> list[str]:
+    """The word-region attention maps of a few (caption, top image) pairs, a row per level."""
+    out = ["<h2 id=\"attention\">Word-region attention per level</h2>"]
+    out.append("<p class=\"meta\">Each map is one word's SCAN attention weights over the image's regions "
+               "(its largest weight printed under it), on the image as the model saw it; every token of "
+               "the caption has its map (long rows scroll sideways). The maps of a level share one colour "
+               "scale, from 0 to the largest weight of the row, printed beside it (\u201cscale 0 .. "
+               "max\u201d): a flat map stays blue beside a peaked one. i2t: the share of each region's "
+               "attention that goes to the word; t2i: the word's attention over the regions.</p>")
+    out.append(f"<div class=\"legend\"><span>colour scale: 0</span><span class=\"colorbar\" "
+               f"style=\"background: {colorbar_css()}\"></span><span>the row's max (blended 50% over "
+               f"the image)</span></div>")
+    for pair in pairs:
+        view = split.image(pair["image_index"])
+        if view_transform is not None:
+            view = view_transform(view)
+        verdict = "the ground truth" if pair["ground_truth"] else "not the ground truth"
+        out.append(f"<div class=\"attention-pair\" data-caption=\"{pair['caption']}\" "
+                   f"data-image-id=\"{html.escape(pair['image_id'])}\"><p class=\"caption\">“"
+                   f"{html.escape(pair['text'])}” and its top image {html.escape(pair['image_id'])} "
+                   f"({verdict}; {len(pair['words'])} tokens, one map each)</p><div class=\"scroll\">"
+                   f"<table class=\"attention\"><tr><th class=\"corner\"></th>")
+        out.extend(f"<th>{html.escape(word)}</th>" for word in pair["words"])
+        out.append("</tr>")
+        for level in pair["levels"]:
+            scale = _scale_max(level)
+            out.append(f"<tr><th class=\"level\" data-scale-max=\"{scale!r}\">{html.escape(level['label'])} "
+                       f"({level['direction']}, {level['grid'][0]}×{level['grid'][1]} regions)<br>"
+                       f"<span class=\"scale\">scale 0 .. {scale:.3f}</span></th>")
+            for weights in level["weights"]:
+                source = heatmap(view, np.asarray(weights), tuple(level["grid"]), scale_max=scale)
+                out.append(f"<td><img class=\"heatmap\" alt=\"attention map\" src=\"{source}\">"
+                           f"max {max(weights):.3f}</td>")
+            out.append("</tr>")
+        out.append("</table></div></div>")
+    return out
+
+
 def render_html(data: dict, split, title: str, metrics: dict | None = None, view_transform=None) -> str:
     """The page of `gallery_data` (thumbnails and heat maps from ``split``, an ArrowSplit)."""
     thumbnails = {}
@@ -346,73 +425,10 @@ def render_html(data: dict, split, title: str, metrics: dict | None = None, view
     out.append(f"<p class=\"meta\">Results in ranked order with their scores; green: ground truth. Queries "
                f"were drawn at random (seeded), about half of them failures (ground truth not first){stages}.</p>")
 
-    out.append("<h2 id=\"text-to-image\">Caption → top-5 images</h2>")
-    for query in data["captions"]:
-        failure = query["gt_rank"] > 1
-        out.append(f"<div class=\"query caption-query{' failure' if failure else ''}\" "
-                   f"data-caption=\"{query['caption']}\" data-gt-rank=\"{query['gt_rank']}\">")
-        out.append(f"<p class=\"caption\">“{html.escape(query['text'])}” "
-                   f"<span class=\"rank\">ground truth at rank {query['gt_rank']}</span></p><ol class=\"results\">")
-        for position, result in enumerate(query["results"], start=1):
-            gt = result["ground_truth"]
-            image_id = html.escape(result["image_id"])
-            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-image-id=\"{image_id}\" "
-                       f"data-image-index=\"{result['image_index']}\"><img alt=\"image {image_id}\" "
-                       f"src=\"{thumb(result['image_index'])}\"><br>{position}. "
-                       f"<span class=\"score\">{_score_text(result)}</span>"
-                       f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
-        out.append("</ol></div>")
-
-    out.append("<h2 id=\"image-to-text\">Image → top-5 captions</h2>")
-    for query in data["images"]:
-        failure = query["gt_rank"] > 1
-        out.append(f"<div class=\"query image-query{' failure' if failure else ''}\" "
-                   f"data-image-id=\"{html.escape(query['image_id'])}\" data-image-index=\"{query['image_index']}\" "
-                   f"data-gt-rank=\"{query['gt_rank']}\"><div class=\"query-image\">"
-                   f"<img alt=\"query image {html.escape(query['image_id'])}\" src=\"{thumb(query['image_index'])}\">"
-                   f"<p class=\"rank\">{html.escape(query['image_id'])}: first ground-truth caption at rank "
-                   f"{query['gt_rank']}</p></div><ol class=\"results captions\">")
-        for position, result in enumerate(query["results"], start=1):
-            gt = result["ground_truth"]
-            out.append(f"<li class=\"{'gt' if gt else 'other'}\" data-caption=\"{result['caption']}\">{position}. "
-                       f"{html.escape(result['text'])}<br><span class=\"score\">{_score_text(result)}</span>"
-                       f"{' <span class=badge>✔ ground truth</span>' if gt else ''}</li>")
-        out.append("</ol></div>")
-
+    out.extend(_caption_queries(data["captions"], thumb))
+    out.extend(_image_queries(data["images"], thumb))
     if data["attention"]:
-        out.append("<h2 id=\"attention\">Word-region attention per level</h2>")
-        out.append("<p class=\"meta\">Each map is one word's SCAN attention weights over the image's regions "
-                   "(its largest weight printed under it), on the image as the model saw it; every token of "
-                   "the caption has its map (long rows scroll sideways). The maps of a level share one colour "
-                   "scale, from 0 to the largest weight of the row, printed beside it (\u201cscale 0 .. "
-                   "max\u201d): a flat map stays blue beside a peaked one. i2t: the share of each region's "
-                   "attention that goes to the word; t2i: the word's attention over the regions.</p>")
-        out.append(f"<div class=\"legend\"><span>colour scale: 0</span><span class=\"colorbar\" "
-                   f"style=\"background: {colorbar_css()}\"></span><span>the row's max (blended 50% over "
-                   f"the image)</span></div>")
-        for pair in data["attention"]:
-            view = split.image(pair["image_index"])
-            if view_transform is not None:
-                view = view_transform(view)
-            verdict = "the ground truth" if pair["ground_truth"] else "not the ground truth"
-            out.append(f"<div class=\"attention-pair\" data-caption=\"{pair['caption']}\" "
-                       f"data-image-id=\"{html.escape(pair['image_id'])}\"><p class=\"caption\">“"
-                       f"{html.escape(pair['text'])}” and its top image {html.escape(pair['image_id'])} "
-                       f"({verdict}; {len(pair['words'])} tokens, one map each)</p><div class=\"scroll\">"
-                       f"<table class=\"attention\"><tr><th class=\"corner\"></th>")
-            out.extend(f"<th>{html.escape(word)}</th>" for word in pair["words"])
-            out.append("</tr>")
-            for level in pair["levels"]:
-                scale = _scale_max(level)
-                out.append(f"<tr><th class=\"level\" data-scale-max=\"{scale!r}\">{html.escape(level['label'])} "
-                           f"({level['direction']}, {level['grid'][0]}×{level['grid'][1]} regions)<br>"
-                           f"<span class=\"scale\">scale 0 .. {scale:.3f}</span></th>")
-                for weights in level["weights"]:
-                    source = heatmap(view, np.asarray(weights), tuple(level["grid"]), scale_max=scale)
-                    out.append(f"<td><img class=\"heatmap\" alt=\"attention map\" src=\"{source}\">"
-                               f"max {max(weights):.3f}</td>")
-                out.append("</tr>")
-            out.append("</table></div></div>")
+        out.extend(_attention_section(data["attention"], split, view_transform))
     payload = json.dumps(data).replace("</", "<\\/")
     out.append(f"<script type=\"application/json\" id=\"gallery-data\">{payload}</script>")
     out.append("</body></html>")

@@ -7,6 +7,13 @@ accumulation with DDP ``no_sync``, gradient clipping, optimizer and scheduler st
 step or per epoch, as the plug-in says), the non-finite-loss stop, ``last.ckpt`` /
 ``best.ckpt`` with everything an exact resume needs, and stop signals. One optimizer step
 is `optimizer_step`.
+
+`fit` is a thin driver over `_Fit`, which holds the run's parts (plug-in, model,
+optimizer, scheduler, GradScaler) and its `TrainingState` (epoch, step, the epoch's loss
+sums, skipped steps, best score: what every checkpoint records), in named steps:
+`_Fit.resume`, `_Fit.train_epoch` (a `_Fit.train_step` per batch), `_Fit.validate_epoch`
+(the validation, its scalars and the epoch line), `_Fit.end_epoch` and `_Fit.save` (with
+`_Fit.last_good`, the checkpoint to resume from when the training diverged).
 """
 from __future__ import annotations
 
@@ -17,7 +24,7 @@ import random
 import shutil
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 import numpy as np
 import torch
@@ -151,6 +158,42 @@ class LoopSettings:
     progress: bool = True
 
 
+@dataclass
+class TrainingState:
+    """Where the training stands: every field but ``epoch`` (save_checkpoint's own
+    argument) goes into each checkpoint under its name, and a resume reads them back (a
+    key an older checkpoint lacks keeps its default)."""
+
+    epoch: int = 0
+    step: int = 0  # optimizer steps done in this epoch
+    loss_sum: float = 0.0  # of the epoch's steps
+    loss_sums: dict = field(default_factory=dict)  # the plug-in's other losses, summed over the epoch's steps
+    skipped: int = 0  # this epoch's steps the fp16 GradScaler dropped
+    best_score: float | None = None  # the best validation score so far (the select_metric sum)
+
+    @classmethod
+    def from_checkpoint(cls, saved: dict) -> "TrainingState":
+        default = cls()
+        return cls(**{item.name: saved.get(item.name, getattr(default, item.name)) for item in fields(cls)
+                      if item.name != "epoch"}, epoch=saved["epoch"])
+
+    def checkpoint_fields(self) -> dict:
+        """The keyword arguments save_checkpoint stores (in this order: step, loss_sum,
+        loss_sums, skipped, best_score)."""
+        return {item.name: getattr(self, item.name) for item in fields(self) if item.name != "epoch"}
+
+    def add_step(self, loss: float, losses: dict, skipped: bool) -> None:
+        self.step += 1
+        self.loss_sum += loss
+        for key, value in losses.items():
+            self.loss_sums[key] = self.loss_sums.get(key, 0.0) + value
+        self.skipped += int(skipped)
+
+    def next_epoch(self) -> None:
+        """The epoch is over: its sums start again (the best score stays)."""
+        self.epoch, self.step, self.loss_sum, self.loss_sums, self.skipped = self.epoch + 1, 0, 0.0, {}, 0
+
+
 def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_dir: str, signals: StopSignals,
         validate, log, info: dict, config: dict, resume_path: str | None = None) -> str:
     """Train with validation after every epoch; returns the path of the best checkpoint.
@@ -161,147 +204,179 @@ def fit(plugin, model, train_data, loader, device, settings: LoopSettings, out_d
     ``config`` is stored in every checkpoint. ``last.ckpt`` is written every
     ``checkpoint_every_steps`` steps and after every epoch, ``best.ckpt`` whenever the sum
     of the ``select_metric`` validation metrics improves."""
-    world_size = world()[1]
-    steps_per_epoch = len(train_data) // loader.batch_sampler.batch_size
-    optimizer = plugin.optimizer(model)
-    scheduler, schedule_unit = plugin.scheduler(optimizer, steps_per_epoch)
-    amp_dtype = amp_dtype_of(settings.precision)
-    scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
-    best_path, last_path = os.path.join(out_dir, "best.ckpt"), os.path.join(out_dir, "last.ckpt")
-    # loss_sums: the other losses the plug-in reports, summed over the epoch's steps
-    progress = {"epoch": 0, "step": 0, "loss_sum": 0.0, "loss_sums": {}, "skipped": 0, "best_score": None}
-
-    taken = 0  # optimizer steps this process has run
-    # checkpoint path -> optimizer steps taken when it was written: it holds the weights
-    # after that many steps, which a later finite loss has shown to be good
-    written = {}
-
-    def save(path, metrics=None, same_as=None):
-        """Write checkpoint ``path``; ``same_as``: a checkpoint of this very state, written
-        just before, that ``path`` becomes a second name of (one file on disk)."""
-        bad = non_finite_parameters(model)
-        if bad:  # the update diverged although the loss was still finite: keep what is on disk
-            raise TrainingFailed(f"the weights became NaN/infinite ({len(bad)} parameter(s), first: {bad[0]}) "
-                                 f"by epoch {progress['epoch']}, step {progress['step']}; nothing was written; "
-                                 f"{last_good()}; lower learning_rate")
-        if is_main_process() and not (same_as and link_checkpoint(same_as, path)):  # rank 0 writes them
-            save_checkpoint(path, model, optimizer, scheduler, progress["epoch"], config, metrics,
-                            step=progress["step"], loss_sum=progress["loss_sum"], loss_sums=progress["loss_sums"],
-                            skipped=progress["skipped"], best_score=progress["best_score"],
-                            scaler=scaler.state_dict() if scaler is not None else None, rng=rng_state())
-        written[path] = taken
-
-    def last_good() -> str:
-        """The newest checkpoint whose weights a later step found finite (a checkpoint
-        written after the last step holds the weights that diverged), or none."""
-        good = [(steps, path == last_path, path) for path, steps in written.items()
-                if steps < taken and os.path.exists(path)]
-        poisoned = [path for path, steps in written.items() if steps == taken and os.path.exists(path)]
-        warning = f" ({', '.join(poisoned)} holds the diverged weights: do not resume from it)" if poisoned else ""
-        if not good:
-            return f"no good checkpoint: none was written before the step that diverged{warning}"
-        return f"last good checkpoint: {max(good)[2]}, resume_from it{warning}"
-
+    run = _Fit(plugin, model, train_data, loader, device, settings, out_dir, signals, validate, log, config)
     if resume_path:
-        state = load_training_state(resume_path, model, optimizer, scheduler, plugin.name)
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        progress.update({key: state.get(key, progress[key]) for key in progress if key != "epoch"},
-                        epoch=state["epoch"])
-        set_rng_state(state["rng"])
-        written[resume_path] = 0
-        previous_best = os.path.join(os.path.dirname(resume_path), "best.ckpt")
-        if is_main_process() and os.path.isfile(previous_best) and not os.path.exists(best_path):
-            shutil.copyfile(previous_best, best_path + ".tmp")
-            os.replace(best_path + ".tmp", best_path)
-        written.setdefault(best_path, -1)  # older than the resumed weights
-        info["resumed_from"] = {"checkpoint": os.path.abspath(resume_path), "epoch": progress["epoch"],
-                                "step": progress["step"]}
-        print(f"resuming from {resume_path}: epoch {progress['epoch']}, step {progress['step']}", flush=True)
+        run.resume(resume_path, info)
     print(f"training on {len(train_data)} {plugin.training_unit} of {len(train_data.split)} images, "
           f"device {device}, checkpoints in {out_dir}", flush=True)
-
-    network, trainable = model, None
-    gather = gather_padded if world_size > 1 else None
     signals.deferred = True
-    while progress["epoch"] < settings.max_epoch:
-        epoch = progress["epoch"]
+    while run.state.epoch < settings.max_epoch:
+        lr, last_lr = run.train_epoch()
+        metrics, score, improved = run.validate_epoch(lr, last_lr)
+        run.end_epoch(metrics, score, improved)
+    if not os.path.exists(run.last_path):  # resumed from a run whose training had ended
+        run.save(run.last_path)
+    signals.deferred = False
+    barrier()  # every rank evaluates best.ckpt, written by rank 0
+    return run.best_path
+
+
+class _Fit:
+    """One `fit`: the run's parts (plug-in, model, optimizer, scheduler, GradScaler), its
+    `TrainingState`, and which checkpoints hold the weights after how many steps."""
+
+    def __init__(self, plugin, model, train_data, loader, device, settings: LoopSettings, out_dir: str,
+                 signals: StopSignals, validate, log, config: dict):
+        self.plugin, self.model, self.loader, self.device, self.settings = plugin, model, loader, device, settings
+        self.signals, self.validate, self.log, self.config = signals, validate, log, config
+        self.world_size = world()[1]
+        self.steps_per_epoch = len(train_data) // loader.batch_sampler.batch_size
+        self.optimizer = plugin.optimizer(model)
+        self.scheduler, self.schedule_unit = plugin.scheduler(self.optimizer, self.steps_per_epoch)
+        self.amp_dtype = amp_dtype_of(settings.precision)
+        self.scaler = torch.amp.GradScaler(device.type) if self.amp_dtype == torch.float16 else None
+        self.best_path, self.last_path = os.path.join(out_dir, "best.ckpt"), os.path.join(out_dir, "last.ckpt")
+        self.state = TrainingState()
+        self.taken = 0  # optimizer steps this process has run
+        # checkpoint path -> optimizer steps taken when it was written: it holds the weights
+        # after that many steps, which a later finite loss has shown to be good
+        self.written = {}
+        self.network, self.trainable = model, None  # DDP's wrapper, and the parameters it syncs
+        self.gather = gather_padded if self.world_size > 1 else None
+
+    def resume(self, path: str, info: dict) -> None:
+        """Load everything an exact resume needs from checkpoint ``path``, and carry the
+        previous run's best.ckpt over into this run's folder."""
+        saved = load_training_state(path, self.model, self.optimizer, self.scheduler, self.plugin.name)
+        if self.scaler is not None and saved.get("scaler"):
+            self.scaler.load_state_dict(saved["scaler"])
+        self.state = TrainingState.from_checkpoint(saved)
+        set_rng_state(saved["rng"])
+        self.written[path] = 0
+        previous_best = os.path.join(os.path.dirname(path), "best.ckpt")
+        if is_main_process() and os.path.isfile(previous_best) and not os.path.exists(self.best_path):
+            shutil.copyfile(previous_best, self.best_path + ".tmp")
+            os.replace(self.best_path + ".tmp", self.best_path)
+        self.written.setdefault(self.best_path, -1)  # older than the resumed weights
+        info["resumed_from"] = {"checkpoint": os.path.abspath(path), "epoch": self.state.epoch,
+                                "step": self.state.step}
+        print(f"resuming from {path}: epoch {self.state.epoch}, step {self.state.step}", flush=True)
+
+    def train_epoch(self) -> tuple[float, float]:
+        """The epoch's optimizer steps (a resumed one's from its step on), then the per-epoch
+        schedule's step. Returns the learning rates of its first and last steps. A stop
+        signal ends it after the step under way, once last.ckpt is written."""
+        state, model, optimizer = self.state, self.model, self.optimizer
+        epoch = state.epoch
         model.train()
-        plugin.start_epoch(model, epoch)
+        self.plugin.start_epoch(model, epoch)
         names = tuple(name for name, param in model.named_parameters() if param.requires_grad)
-        if world_size > 1 and names != trainable:  # DDP syncs what trains
-            trainable = names
-            network = torch.nn.parallel.DistributedDataParallel(model)
-        loader.batch_sampler.set_epoch(epoch, progress["step"])
+        if self.world_size > 1 and names != self.trainable:  # DDP syncs what trains
+            self.trainable = names
+            self.network = torch.nn.parallel.DistributedDataParallel(model)
+        self.loader.batch_sampler.set_epoch(epoch, state.step)
         lr = optimizer.param_groups[0]["lr"]
         last_lr = lr  # the epoch line's: the learning rate of the epoch's last step
-        bar = progress_bar(loader, f"epoch {epoch}", progress["step"], progress["step"] + len(loader),
-                           settings.progress)
+        bar = progress_bar(self.loader, f"epoch {epoch}", state.step, state.step + len(self.loader),
+                           self.settings.progress)
         for batch in bar:
             last_lr = optimizer.param_groups[0]["lr"]
-            try:
-                losses, skipped = optimizer_step(
-                    network, lambda net, micro: plugin.loss(net, model, micro, epoch, gather), batch, optimizer,
-                    device, settings.micro_batch_size, amp_dtype, scaler, settings.clip_norm,
-                    model.parameters(), scheduler if schedule_unit == "step" else None)
-            except NonFiniteLoss as error:
-                raise TrainingFailed(f"non-finite loss ({error}) at epoch {epoch}, step {progress['step']}; "
-                                     f"nothing was written; {last_good()}; lower learning_rate") from None
-            loss = losses.pop("loss")
-            taken += 1
-            progress["step"] += 1
-            progress["loss_sum"] += loss
-            for key, value in losses.items():
-                progress["loss_sums"][key] = progress["loss_sums"].get(key, 0.0) + value
-            progress["skipped"] += int(skipped)
-            if settings.log_every_steps and progress["step"] % settings.log_every_steps == 0:
-                for key, value in {"loss": loss, **losses}.items():
-                    log(f"train.step_{key}", value, epoch * steps_per_epoch + progress["step"])
-            bar.set_postfix(loss=f"{progress['loss_sum'] / progress['step']:.3f}", refresh=False)
-            every = settings.checkpoint_every_steps
-            if signals.received or (every and progress["step"] % every == 0):
-                save(last_path)
-            if signals.received:
-                raise StopRequested(f"{signals.received} at epoch {epoch}, step {progress['step']}; "
-                                    f"resume with resume_from={last_path}")
+            self.train_step(batch)
+            bar.set_postfix(loss=f"{state.loss_sum / state.step:.3f}", refresh=False)
+            every = self.settings.checkpoint_every_steps
+            if self.signals.received or (every and state.step % every == 0):
+                self.save(self.last_path)
+            if self.signals.received:
+                raise StopRequested(f"{self.signals.received} at epoch {epoch}, step {state.step}; "
+                                    f"resume with resume_from={self.last_path}")
         bar.close()
-        loss = progress["loss_sum"] / max(progress["step"], 1)
-        if schedule_unit == "epoch":
-            scheduler.step()
+        if self.schedule_unit == "epoch":
+            self.scheduler.step()
+        return lr, last_lr
+
+    def train_step(self, batch: dict) -> None:
+        """One optimizer step, added to the state (and logged every log_every_steps)."""
+        state, model, settings, epoch = self.state, self.model, self.settings, self.state.epoch
+        try:
+            losses, skipped = optimizer_step(
+                self.network, lambda net, micro: self.plugin.loss(net, model, micro, epoch, self.gather), batch,
+                self.optimizer, self.device, settings.micro_batch_size, self.amp_dtype, self.scaler,
+                settings.clip_norm, model.parameters(), self.scheduler if self.schedule_unit == "step" else None)
+        except NonFiniteLoss as error:
+            raise TrainingFailed(f"non-finite loss ({error}) at epoch {epoch}, step {state.step}; "
+                                 f"nothing was written; {self.last_good()}; lower learning_rate") from None
+        loss = losses.pop("loss")
+        self.taken += 1
+        state.add_step(loss, losses, skipped)
+        if settings.log_every_steps and state.step % settings.log_every_steps == 0:
+            for key, value in {"loss": loss, **losses}.items():
+                self.log(f"train.step_{key}", value, epoch * self.steps_per_epoch + state.step)
+
+    def validate_epoch(self, lr: float, last_lr: float) -> tuple[dict, float, bool]:
+        """Validate after the epoch's steps, log the epoch's scalars and print the epoch
+        line; returns (metrics, score, whether the score is the best so far)."""
+        state, log, epoch = self.state, self.log, self.state.epoch
+        loss = state.loss_sum / max(state.step, 1)
         print(f"epoch {epoch}: validating", flush=True)
         try:
-            metrics = validate()
+            metrics = self.validate()
         except NonFiniteScores as error:
             raise TrainingFailed(f"val split at epoch {epoch}, the model being trained: {error}; the "
-                                 f"training diverged ({last_good()}): lower learning_rate") from None
-        score = sum(metrics[key] for key in settings.select_metric)
+                                 f"training diverged ({self.last_good()}): lower learning_rate") from None
+        score = sum(metrics[key] for key in self.settings.select_metric)
         log("train.loss", loss, epoch)
-        for key, total in progress["loss_sums"].items():  # the plug-in's other losses
-            log(f"train.{key}", total / max(progress["step"], 1), epoch)
+        for key, total in state.loss_sums.items():  # the plug-in's other losses
+            log(f"train.{key}", total / max(state.step, 1), epoch)
         log("train.lr", lr, epoch)
-        if scaler is not None:
-            log("train.amp_skipped_steps", progress["skipped"], epoch)
+        if self.scaler is not None:
+            log("train.amp_skipped_steps", state.skipped, epoch)
         for key, value in metrics.items():
             log(f"val.{key}", value, epoch)
-        improved = progress["best_score"] is None or score > progress["best_score"]
+        improved = state.best_score is None or score > state.best_score
         # the learning rates the epoch's steps used: first..last under a per-step schedule
         lrs = f"{lr:.2e}" if f"{lr:.2e}" == f"{last_lr:.2e}" else f"{lr:.2e}..{last_lr:.2e}"
         print(f"epoch {epoch}: loss {loss:.4f} lr {lrs} val i2t R@1 {metrics['i2t_r1']:.2f} "
               f"t2i R@1 {metrics['t2i_r1']:.2f} rsum {metrics['rsum']:.2f}"
               f"{' (best)' if improved else ''}", flush=True)
-        progress.update(epoch=epoch + 1, step=0, loss_sum=0.0, loss_sums={}, skipped=0)
+        return metrics, score, improved
+
+    def end_epoch(self, metrics: dict, score: float, improved: bool) -> None:
+        """Move the state on to the next epoch and write best.ckpt (when ``improved``) and
+        last.ckpt; a stop signal that came during validation stops the run here."""
+        epoch = self.state.epoch
+        self.state.next_epoch()
         if improved:
-            progress["best_score"] = score
-            save(best_path, metrics)
-        save(last_path, metrics, same_as=best_path if improved else None)
-        if signals.received:  # it came during validation
-            raise StopRequested(f"{signals.received} at the end of epoch {epoch}; resume with "
-                                f"resume_from={last_path}")
-    if not os.path.exists(last_path):  # resumed from a run whose training had ended
-        save(last_path)
-    signals.deferred = False
-    barrier()  # every rank evaluates best.ckpt, written by rank 0
-    return best_path
+            self.state.best_score = score
+            self.save(self.best_path, metrics)
+        self.save(self.last_path, metrics, same_as=self.best_path if improved else None)
+        if self.signals.received:  # it came during validation
+            raise StopRequested(f"{self.signals.received} at the end of epoch {epoch}; resume with "
+                                f"resume_from={self.last_path}")
+
+    def save(self, path: str, metrics: dict | None = None, same_as: str | None = None) -> None:
+        """Write checkpoint ``path``; ``same_as``: a checkpoint of this very state, written
+        just before, that ``path`` becomes a second name of (one file on disk)."""
+        bad = non_finite_parameters(self.model)
+        if bad:  # the update diverged although the loss was still finite: keep what is on disk
+            raise TrainingFailed(f"the weights became NaN/infinite ({len(bad)} parameter(s), first: {bad[0]}) "
+                                 f"by epoch {self.state.epoch}, step {self.state.step}; nothing was written; "
+                                 f"{self.last_good()}; lower learning_rate")
+        if is_main_process() and not (same_as and link_checkpoint(same_as, path)):  # rank 0 writes them
+            save_checkpoint(path, self.model, self.optimizer, self.scheduler, self.state.epoch, self.config,
+                            metrics, **self.state.checkpoint_fields(),
+                            scaler=self.scaler.state_dict() if self.scaler is not None else None, rng=rng_state())
+        self.written[path] = self.taken
+
+    def last_good(self) -> str:
+        """The newest checkpoint whose weights a later step found finite (a checkpoint
+        written after the last step holds the weights that diverged), or none."""
+        good = [(steps, path == self.last_path, path) for path, steps in self.written.items()
+                if steps < self.taken and os.path.exists(path)]
+        poisoned = [path for path, steps in self.written.items() if steps == self.taken and os.path.exists(path)]
+        warning = f" ({', '.join(poisoned)} holds the diverged weights: do not resume from it)" if poisoned else ""
+        if not good:
+            return f"no good checkpoint: none was written before the step that diverged{warning}"
+        return f"last good checkpoint: {max(good)[2]}, resume_from it{warning}"
 
 
 def progress_bar(iterable, desc: str, initial: int, total: int, enabled: bool = True):

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from hat.checkpoint import load_checkpoint
-from tests.conftest import ROOT
+from tests.conftest import ROOT, only_run_folder, run_folder
 
 TINY = {"demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 1, "per_gpu_batchsize": 16,
         "eval_batch_size": 16, "progress": False, "swin_depths": [1, 1, 1, 1], "embed_dim": 32}
@@ -30,7 +30,7 @@ def trained(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("trained")
     run = ex.run(named_configs=["demo", "t2i"],
                  config_updates=dict(TINY, data_root=str(tmp / "data"), observer_dir=str(tmp / "runs")))
-    return run, str(tmp / "runs" / str(run._id) / "best.ckpt"), str(tmp / "data"), tmp
+    return run, str(run_folder(run) / "best.ckpt"), str(tmp / "data"), tmp
 
 
 def test_test_only_takes_the_recorded_configuration(trained, tmp_path):
@@ -49,7 +49,7 @@ def test_test_only_takes_the_recorded_configuration(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert f"note: scoring checkpoint={checkpoint} with direction='i2t'; it was trained with direction='t2i'" \
         in proc.stdout
-    config = json.loads((tmp_path / "cli" / "1" / "config.json").read_text())
+    config = json.loads((only_run_folder(tmp_path / "cli") / "config.json").read_text())
     assert (config["direction"], config["demo_eval_images"]) == ("i2t", 12)
 
 
@@ -74,11 +74,11 @@ def test_checkpoint_without_test_only_fine_tunes_from_it(trained, tmp_path):
     _, checkpoint, data_root, _ = trained
     run = ex.run(named_configs=["demo"], config_updates=dict(
         TINY, data_root=data_root, observer_dir=str(tmp_path / "runs"), checkpoint=checkpoint, learning_rate=0.0))
-    info = json.loads((tmp_path / "runs" / str(run._id) / "info.json").read_text())
+    info = json.loads((run_folder(run) / "info.json").read_text())
     assert info["initialized_from"]["checkpoint"] == os.path.abspath(checkpoint)
     assert info["initialized_from"]["format"] == "hat-toolkit"
     assert f"initialised the model from checkpoint={checkpoint}" in run.captured_out
-    start, after = load_checkpoint(checkpoint)["model"], load_checkpoint(str(tmp_path / "runs" / "1" / "last.ckpt"))["model"]
+    start, after = load_checkpoint(checkpoint)["model"], load_checkpoint(str(run_folder(run) / "last.ckpt"))["model"]
     assert start.keys() == after.keys() and all(torch.equal(start[k], after[k]) for k in start)  # lr 0: unchanged
 
 
@@ -88,8 +88,8 @@ def test_file_observer_records_once_with_commit_versions_and_readable_output(tra
                "demo_eval_images=12", "max_epoch=1", "per_gpu_batchsize=16", "eval_batch_size=16",
                "swin_depths=[1,1,1,1]", "embed_dim=32", f"observer_dir={tmp_path}/runs", "progress=True")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert sorted(os.listdir(tmp_path / "F")) == ["1", "_sources"] and not (tmp_path / "runs").exists()
-    run_dir = tmp_path / "F" / "1"
+    run_dir = only_run_folder(tmp_path / "F")  # one run folder, beside _sources
+    assert sorted(os.listdir(tmp_path / "F")) == sorted([run_dir.name, "_sources"]) and not (tmp_path / "runs").exists()
     assert {"best.ckpt", "last.ckpt", "run.json", "cout.txt"} <= set(os.listdir(run_dir))  # checkpoints there
     record = json.loads((run_dir / "run.json").read_text())
     commit = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)

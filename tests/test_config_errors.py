@@ -8,15 +8,12 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, resolved_config
 
 
 def config_with(tmp_path, named=(), **updates):
-    from run import ex
-
     updates.setdefault("data_root", str(tmp_path))
-    run = ex._create_run(command_name="print_config", config_updates=updates, named_configs=list(named))
-    return dict(run.config)
+    return resolved_config(*named, **updates)
 
 
 @pytest.fixture

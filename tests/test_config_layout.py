@@ -4,6 +4,8 @@ import pytest
 import torch
 from sacred.utils import ConfigAddedError
 
+from tests.conftest import resolved_config
+
 HAT_ONLY = {"level_pairs", "margin", "lambda_softmax", "direction", "swin_depths", "swin_embed_dim",
             "vse_warmup_epochs", "same_image_mask", "lr_step_epochs", "freeze_image_epochs", "text_dropout",
             "per_level", "ensemble", "ensemble_directions", "feature_cache", "feature_dtype", "image_tile"}
@@ -14,11 +16,7 @@ RUNNER = {"model", "dataset", "data_root", "per_gpu_batchsize", "batch_size", "m
           "clip_norm", "select_metric", "eval_folds", "checkpoint", "resume", "text_backbone", "max_text_len"}
 
 
-def config_of(*named, **updates):
-    from run import ex
-
-    return dict(ex._create_run(command_name="print_config", named_configs=list(named),
-                               config_updates=updates).config)
+config_of = resolved_config
 
 
 def test_each_model_lists_only_its_own_keys():

@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, only_run_folder
 
 TINY = ["demo_train_images=64", "demo_eval_images=8", "max_epoch=1", "batch_size=16",
         "eval_batch_size=16", "progress=False", "swin_depths=[1,1,1,1]",
@@ -27,10 +27,9 @@ def _run(prefix, data_root, observer, per_gpu_batchsize):
                            f"observer_dir={observer}", f"per_gpu_batchsize={per_gpu_batchsize}", *TINY],
                           cwd=ROOT, capture_output=True, text=True, timeout=900, env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    run_dirs = [d for d in os.listdir(observer) if d.isdigit()]
-    assert run_dirs == ["1"]  # only rank 0 records the run
-    metrics = json.loads((observer / "1" / "metrics.json").read_text())
-    result = json.loads((observer / "1" / "run.json").read_text())["result"]
+    run_dir = only_run_folder(observer)  # only rank 0 records the run: one run folder
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    result = json.loads((run_dir / "run.json").read_text())["result"]
     assert proc.stdout.count("training on ") == 1  # rank 0 alone prints
     return metrics["train.step_loss"]["values"], result
 
@@ -131,7 +130,7 @@ def _eval_data(n_images, n_captions):
 
 
 def _score(n_images, n_captions):
-    from hat.evaluation import encode_features, level_similarities
+    from hat.models.hat.evaluation import encode_features, level_similarities
 
     model = _tiny_hat().eval()
     features = encode_features(model, *_eval_data(n_images, n_captions), "cpu")

@@ -4,6 +4,8 @@ import json
 
 import pytest
 
+from tests.conftest import resolved_config, run_folder
+
 TINY = {
     "demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 2, "batch_size": 16,
     "per_gpu_batchsize": 8, "eval_batch_size": 16, "progress": False, "vision_depth": 2,
@@ -12,11 +14,7 @@ TINY = {
 }
 
 
-def config_of(*named, **updates):
-    from run import ex
-
-    return dict(ex._create_run(command_name="print_config", named_configs=list(named),
-                               config_updates=updates).config)
+config_of = resolved_config
 
 
 @pytest.mark.parametrize("order", [("multisea", "coco_config"), ("coco_config", "multisea")])
@@ -67,7 +65,7 @@ def trained(tmp_path_factory):
 
 def test_multisea_demo_run_is_recorded_and_reproduced(trained):
     ex, run, tmp, updates = trained
-    run_dir = tmp / "runs" / str(run._id)
+    run_dir = run_folder(run)
     record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "COMPLETED"
     assert {"i2t_r1", "t2i_r1", "rsum", "i2t_meanr"} <= set(record["result"])

@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, only_run_folder, run_folder
 
 
 @pytest.mark.parametrize("model, extra, message", [
@@ -103,7 +103,7 @@ def test_fine_tuning_a_checkpoint_takes_its_architecture_and_downloads_nothing(t
     proc = cli("with", f"checkpoint={paths['hat0']}", f"data_root={root}", f"observer_dir={tmp_path / 'runs'}",
                "max_epoch=1", "progress=False", "eval_batch_size=16", "gallery=False")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    config = json.loads((tmp_path / "runs" / "1" / "config.json").read_text())
+    config = json.loads((only_run_folder(tmp_path / "runs") / "config.json").read_text())
     assert (config["swin_depths"], config["embed_dim"], config["text_backbone"], config["image_size"]) == (
         [1, 1, 1, 1], 32, "packaged-minilm", 64)
     assert (config["per_gpu_batchsize"], config["learning_rate"], config["max_epoch"]) == (58, 1e-4, 1)
@@ -157,7 +157,7 @@ def test_best_and_last_of_the_same_epoch_are_one_file(tmp_path):
         run = ex.run(named_configs=["demo"], config_updates={
             "model": "toy", "data_root": str(tmp_path / "data"), "observer_dir": str(tmp_path / "runs"),
             "demo_train_images": 48, "demo_eval_images": 12, "eval_batch_size": 16, "progress": False})
-    folder = tmp_path / "runs" / str(run._id)
+    folder = run_folder(run)
     assert os.path.samefile(folder / "best.ckpt", folder / "last.ckpt")
     best = load_checkpoint(str(folder / "best.ckpt"))
     atomic_save({"format": "hat-toolkit", "model": {}, "config": {}}, str(folder / "last.ckpt"))

@@ -11,7 +11,7 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, only_run_folder, resolved_config
 
 TINY = {"demo_train_images": 64, "demo_eval_images": 8, "max_epoch": 2, "per_gpu_batchsize": 16,
         "eval_batch_size": 16, "progress": False, "swin_depths": [1, 1, 1, 1], "embed_dim": 32}
@@ -55,10 +55,8 @@ def make_checkpoint(path, data_root, change=None) -> str:
     model first)."""
     from hat.checkpoint import save_checkpoint
     from hat.plugins import get_plugin
-    from run import ex
 
-    config = dict(ex._create_run(command_name="print_config", named_configs=["demo"],
-                                 config_updates=dict(TINY, data_root=data_root)).config)
+    config = resolved_config("demo", **dict(TINY, data_root=data_root))
     torch.manual_seed(0)
     model = get_plugin("hat")(config).build(pretrained=True)
     if change is not None:
@@ -104,7 +102,7 @@ def test_diverged_training_stops_at_validation_and_saves_no_best(tmp_path):
         "UsageError: val split at epoch 0, the model being trained: 320 NaN and 0 infinite scores of 320; "
         "the training diverged (no good checkpoint: none was written before the step that diverged): lower "
         "learning_rate")
-    assert status_of(observer) == ["FAILED"] and not (observer / "1" / "best.ckpt").exists()
+    assert status_of(observer) == ["FAILED"] and not (only_run_folder(observer) / "best.ckpt").exists()
 
 
 def test_feature_cache_follows_a_replaced_test_file(data_root, tmp_path):
@@ -143,7 +141,7 @@ def test_full_disk_while_saving_is_one_line_and_leaves_no_partial_file(data_root
     proc = run_cli(dict(TINY, data_root=data_root, observer_dir=str(tmp_path / "runs"),
                         checkpoint_dir=str(checkpoints), checkpoint_every_steps=2), preexec_fn=small_disk)
     line = the_error_line(proc)
-    folder = checkpoints / "1"
+    folder = only_run_folder(checkpoints)  # checkpoint_dir/<run id>
     assert line.startswith(f"UsageError: could not write checkpoint {folder / 'last.ckpt'} (")
     assert line.endswith("); the file there before (if any) is unchanged: free disk space there or set "
                          "checkpoint_dir=/a/folder/with/space")

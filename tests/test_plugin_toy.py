@@ -7,6 +7,7 @@ import pytest
 
 from hat.evaluation import METRIC_KEYS
 from hat.plugins import model_names
+from tests.conftest import resolved_config, run_folder
 from tests.toy_model import registered_toy
 
 
@@ -17,12 +18,11 @@ def test_toy_model_trains_an_epoch_and_evaluates_through_the_runner(tmp_path):
                "demo_train_images": 48, "demo_eval_images": 12, "eval_batch_size": 16, "progress": False,
                "log_every_steps": 1, "eval_folds": 3}
     with registered_toy():
-        config = dict(ex._create_run(command_name="print_config", named_configs=["demo"],
-                                     config_updates=updates).config)
+        config = resolved_config("demo", **updates)
         assert (config["toy_dim"], config["per_gpu_batchsize"], config["image_size"]) == (16, 16, 64)
         assert "level_pairs" not in config and "queue_size" not in config  # other models' keys
         run = ex.run(named_configs=["demo"], config_updates=updates)
-        run_dir = tmp_path / "runs" / str(run._id)
+        run_dir = run_folder(run)
         record = json.loads((run_dir / "run.json").read_text())
         assert record["status"] == "COMPLETED"
         assert set(METRIC_KEYS) | {f"folds_{k}" for k in METRIC_KEYS} <= set(record["result"])

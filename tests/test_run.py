@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, run_folder
 
 TINY = {
     "demo_train_images": 48, "demo_eval_images": 12, "max_epoch": 2, "per_gpu_batchsize": 16,
@@ -26,7 +26,7 @@ def trained(tmp_path_factory):
 
 def test_train_run_records_everything(trained):
     _, run, tmp, _ = trained
-    run_dir = tmp / "runs" / str(run._id)
+    run_dir = run_folder(run)
     for name in ("config.json", "run.json", "metrics.json", "cout.txt", "best.ckpt", "last.ckpt"):
         assert (run_dir / name).is_file(), name
     record = json.loads((run_dir / "run.json").read_text())
@@ -47,11 +47,11 @@ def test_train_run_records_everything(trained):
 
 def test_test_only_reproduces_the_metrics(trained):
     ex, run, tmp, updates = trained
-    checkpoint = tmp / "runs" / str(run._id) / "best.ckpt"
+    checkpoint = run_folder(run) / "best.ckpt"
     again = ex.run(named_configs=["demo"],
                    config_updates=dict(updates, test_only=True, checkpoint=str(checkpoint)))
     assert again.result == run.result  # to the last digit
-    assert again._id != run._id
+    assert run_folder(again) != run_folder(run)  # recorded as a run of its own
 
 
 def test_ensemble_folds_and_feature_cache(trained):
@@ -61,10 +61,11 @@ def test_ensemble_folds_and_feature_cache(trained):
     import torch
 
     from hat.models.hat.alignment import scan_similarity
-    from hat.evaluation import fold_recall, load_features, recall
+    from hat.evaluation import fold_recall, recall
+    from hat.models.hat.evaluation import load_features
 
     ex, run, tmp, updates = trained
-    checkpoint = str(tmp / "runs" / str(run._id) / "best.ckpt")
+    checkpoint = str(run_folder(run) / "best.ckpt")
     cache = tmp / "features"
     ensemble = dict(updates, test_only=True, ensemble=[checkpoint, checkpoint],
                     ensemble_directions=["i2t", "t2i"], eval_folds=3, feature_cache=str(cache))
@@ -98,7 +99,7 @@ def test_checkpoint_is_readable_without_sacred(trained):
     from hat.checkpoint import load_checkpoint
 
     _, run, tmp, _ = trained
-    state = load_checkpoint(str(tmp / "runs" / str(run._id) / "best.ckpt"))
+    state = load_checkpoint(str(run_folder(run) / "best.ckpt"))
     assert state["config"]["dataset"] == "demo"
     assert state["epoch"] in (1, 2)  # epochs completed
     assert any(key.startswith("image_proj.0") for key in state["model"])

@@ -12,7 +12,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, only_run_folder, run_folders
 from tests.toy_model import ToyPlugin, toy_config
 
 TOY = {"demo_train_images": 48, "demo_eval_images": 12, "eval_batch_size": 16, "progress": False}
@@ -73,7 +73,7 @@ def run_toynan(data_root, tmp_path, **updates):
 @pytest.mark.parametrize("every", [2, 3])
 def test_last_good_checkpoint_is_one_written_before_the_step_that_diverged(data_root, tmp_path, every):
     message = run_toynan(data_root, tmp_path, checkpoint_every_steps=every)
-    last = tmp_path / "runs" / "1" / "last.ckpt"
+    last = only_run_folder(tmp_path / "runs") / "last.ckpt"  # the run raised: no Run to ask
     saved = torch.load(last, weights_only=True)["step"]
     assert message.startswith("non-finite loss (nan) at epoch 0, step 4; nothing was written; ")
     if every == 2:  # last.ckpt holds the weights after step 4, which gave the NaN loss of step 5
@@ -116,7 +116,7 @@ def test_weights_that_became_non_finite_are_not_written(data_root, tmp_path):
                 checkpoint_every_steps=1, nan_at_step=1000))
     finally:
         unregister("toynan")
-    last = tmp_path / "runs" / "1" / "last.ckpt"
+    last = only_run_folder(tmp_path / "runs") / "last.ckpt"  # the run raised: no Run to ask
     state = torch.load(last, weights_only=True)
     assert state["step"] == 2 and all(torch.isfinite(t).all() for t in state["model"].values())
     assert str(error.value) == (
@@ -213,7 +213,7 @@ def test_a_bad_validation_image_stops_the_run_before_the_first_step(data_root, t
         with pytest.raises(UsageError, match=r"^image \S+ in .*demo_caption_val.arrow does not decode") as error:
             ex.run(named_configs=["demo"], config_updates=dict(TOY, model="toy", data_root=root,
                                                                observer_dir=str(tmp_path / "runs")))
-    run_dir = tmp_path / "runs" / "1"
+    run_dir = only_run_folder(tmp_path / "runs")  # the run raised: no Run to ask
     assert not (run_dir / "last.ckpt").exists()  # no step ran: nothing to lose
     cout = (run_dir / "cout.txt").read_text()
     assert "training on" not in cout and cout.rstrip().endswith(f"UsageError: {error.value}")
@@ -270,18 +270,19 @@ def test_sigterm_during_test_only_is_interrupted_with_the_message_in_the_record(
     proc = subprocess.Popen([sys.executable, "run.py", "with", f"checkpoint={checkpoint}", "test_only=True",
                              f"observer_dir={tmp_path / 'runs'}", "eval_batch_size=1"], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_json = tmp_path / "runs" / "1" / "run.json"
+    runs = tmp_path / "runs"
     deadline = time.time() + 120
-    while not run_json.exists() and time.time() < deadline:
+    while not any((folder / "run.json").exists() for folder in run_folders(runs)) and time.time() < deadline:
         time.sleep(0.05)
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    record = json.loads(run_json.read_text())
+    run_dir = only_run_folder(runs)
+    record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "INTERRUPTED", stderr[-2000:]
     assert record["message"].startswith("TrainingInterrupted: SIGTERM: stopped at once")
-    assert (tmp_path / "runs" / "1" / "cout.txt").read_text().rstrip().endswith(record["message"])
+    assert (run_dir / "cout.txt").read_text().rstrip().endswith(record["message"])
 
 
 def test_hand_made_checkpoint_dicts_are_one_line_errors(tmp_path):

@@ -81,10 +81,11 @@ class ToyPlugin(ModelPlugin):
     def evaluate(self, model, data, device, options):
         from hat.checkpoint import load_model_weights
         from hat.evaluation import encode_loader, fold_metrics, recall
+        from hat.plugins import Evaluation
 
+        info = {}
         for path in options.checkpoints:
-            options.info.update(checkpoint=os.path.abspath(path),
-                                checkpoint_format=load_model_weights(model, path)["format"])
+            info.update(checkpoint=os.path.abspath(path), checkpoint_format=load_model_weights(model, path)["format"])
         model.eval()
         with torch.no_grad():
             images = encode_loader(data.images, lambda batch: [model.encode_images(batch.to(device))])[0]
@@ -97,7 +98,7 @@ class ToyPlugin(ModelPlugin):
             metrics.update(fold_metrics(lambda rows, columns, fold_to_image: recall(
                 sims[rows].index_select(1, columns), fold_to_image), options.n_folds, sims.shape[0],
                 data.caption_to_image, sims.shape[1]))
-        return metrics
+        return Evaluation(metrics, info)
 
 
 def registered_toy():

@@ -9,6 +9,7 @@ import pytest
 from datamodules import DataError, check_data_root, open_split
 from datamodules.datasets import caption_index
 from datamodules.writer import write_arrow
+from tests.conftest import run_folder
 from tests.datamodules.conftest import colour, jpeg
 
 METRICS = {"i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum",
@@ -92,7 +93,7 @@ def test_test_only_run_on_pandas_written_files(vilt_f30k, tmp_path):
             "eval_batch_size": 16, "progress": False, "swin_depths": [1, 1, 1, 1], "embed_dim": 32}
     trained = ex.run(named_configs=["demo"], config_updates=dict(
         tiny, data_root=str(tmp_path / "demo"), observer_dir=str(tmp_path / "runs")))
-    checkpoint = tmp_path / "runs" / str(trained._id) / "best.ckpt"
+    checkpoint = run_folder(trained) / "best.ckpt"
     assert checkpoint.is_file()
     run = ex.run(named_configs=["demo"], config_updates=dict(
         tiny, dataset="f30k", data_root=str(root), test_only=True, checkpoint=str(checkpoint),

@@ -283,8 +283,19 @@ def test_matches_literal_reference_random_20x100(rounded, mapping):
 # --------------------------------------------------------------------------------------
 # MSCOCO 1K protocol, per-level metrics, ensembles
 # --------------------------------------------------------------------------------------
-from hat.evaluation import (ensemble_similarities, evaluate, feature_cache_path,  # noqa: E402
-                            fold_recall, level_metrics, load_features, save_features)
+from hat.evaluation import fold_recall  # noqa: E402
+from hat.models.hat.evaluation import (cached_features, ensemble_similarities, feature_cache_path,  # noqa: E402
+                                       level_metrics, level_similarities, load_features, protocol_metrics,
+                                       save_features)
+
+
+def evaluate(model, image_loader, caption_loader, caption_to_image, device, image_tile=None, caption_tile=None, *,
+             feature_dtype=None, cache_path=None, per_level=False):
+    """HAT's evaluation of one model, as its plug-in composes it: encode once (or read the
+    cache), one matrix per level, the summed protocol."""
+    features = cached_features(model, image_loader, caption_loader, device, feature_dtype, cache_path)
+    return protocol_metrics(level_similarities(model, features, image_tile, caption_tile), caption_to_image,
+                            per_level)
 
 
 def test_fold_recall_is_the_average_of_five_separate_folds():
@@ -430,7 +441,8 @@ def test_save_and_load_features_keep_dtype(tmp_path):
 # --------------------------------------------------------------------------------------
 # Non-finite scores and the feature cache key
 # --------------------------------------------------------------------------------------
-from hat.evaluation import NonFiniteScores, cached_features, file_identity  # noqa: E402
+from hat.evaluation import NonFiniteScores  # noqa: E402
+from hat.models.hat.evaluation import file_identity  # noqa: E402
 
 
 def test_all_nan_scores_are_refused_not_ranked_first():

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from hat.evaluation import cached_features, encode_features, evaluate, feature_cache_path
+from hat.models.hat.evaluation import (cached_features, encode_features, feature_cache_path, level_similarities,
+                                       protocol_metrics)
 
 N_IMAGES, WIDTH, DIM = 6, 4, 3
 
@@ -82,8 +83,9 @@ def cache_key(checkpoint, data, cache_dir):
 
 
 def scored(checkpoint, data, cache_path=None):
-    metrics, sims = evaluate(RawWeightsModel(checkpoint), image_loader(data), CAPTIONS, None, "cpu",
-                             feature_dtype=torch.float32, cache_path=cache_path)
+    model = RawWeightsModel(checkpoint)  # HAT's evaluation of one model, as its plug-in composes it
+    features = cached_features(model, image_loader(data), CAPTIONS, "cpu", torch.float32, cache_path)
+    metrics, sims = protocol_metrics(level_similarities(model, features), None)
     return metrics, sims
 
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 import hat
-from tests.conftest import ROOT
-from tests.hat.test_retrieval import runner_scores
+from tests.conftest import ROOT, run_folder
+from tests.hat.conftest import runner_scores
 
 N_QUERIES = 20  # the default
 
@@ -101,11 +101,12 @@ def recomputed(checkpoint, data_root):
 
 @pytest.fixture(scope="module", params=["i2t", "t2i"])
 def gallery_of_run(request, browse_runs, hat_run):
-    """(run folder, checkpoint, data root) of an i2t run (the browser's run 1) and of a t2i
+    """(run folder, checkpoint, data root) of an i2t run (the browser's first run) and of a t2i
     run (the t2i demo run)."""
     if request.param == "i2t":
-        runs, _ = browse_runs
-        return runs / "1", str(runs / "1" / "best.ckpt"), str(runs.parent / "data")
+        runs, trained, _ = browse_runs
+        folder = run_folder(trained)
+        return folder, str(folder / "best.ckpt"), str(runs.parent / "data")
     run, checkpoint, data_root = hat_run
     return os.path.dirname(checkpoint), checkpoint, data_root
 

@@ -4,27 +4,8 @@ import pytest
 import torch
 
 import hat
-from hat.plugins import EvalOptions, get_plugin
-
-
-def runner_scores(checkpoint: str, data_root: str):
-    """The test split's score matrices as the runner ranks them (run.eval_data, the plug-in's
-    evaluate), with the test images and protocol captions in the runner's order."""
-    from datamodules import open_split
-    from hat.backbones import load_tokenizer
-    from hat.checkpoint import load_checkpoint
-    from run import eval_data
-
-    c = load_checkpoint(checkpoint)["config"]
-    plugin = get_plugin(c["model"])(c)
-    tokenizer = load_tokenizer(c["text_backbone"])
-    options = EvalOptions(split="test", checkpoints=[checkpoint], keep_scores=True)
-    metrics = plugin.evaluate(plugin.build(pretrained=False), eval_data(c, data_root, "test", tokenizer, plugin.pad_to),
-                              torch.device("cpu"), options)
-    split = open_split(data_root, "demo", "test")
-    images = [split.image(i) for i in range(len(split))]
-    captions = [caption for i in range(len(split)) for caption in split.captions(i)[:5]]
-    return metrics, options.scores, images, captions
+from hat.plugins import get_plugin
+from tests.hat.conftest import runner_scores
 
 
 def ground_truth_first(sims: torch.Tensor) -> list[int]:

@@ -14,23 +14,23 @@ def browse(*args):
 
 
 def test_the_list_shows_each_run_with_status_and_metrics(browse_runs):
-    runs, trained = browse_runs
+    runs, trained, (first, second, third) = browse_runs
     lines = browse("--dir", str(runs)).splitlines()
     assert lines[0].split()[:4] == ["id", "status", "model", "dataset"]
     rows = [line.split() for line in lines[1:]]
     assert [(row[0], row[1], row[2], row[3], row[4]) for row in rows] == [
-        ("1", "COMPLETED", "hat", "demo", "demo"), ("2", "COMPLETED", "hat", "demo", "demo"),
-        ("3", "FAILED", "hat", "demo", "demo")]
-    metrics = json.loads((runs / "1" / "metrics.json").read_text())
+        (first, "COMPLETED", "hat", "demo", "demo"), (second, "COMPLETED", "hat", "demo", "demo"),
+        (third, "FAILED", "hat", "demo", "demo")]
+    metrics = json.loads((runs / first / "metrics.json").read_text())
     best = max(a + b for a, b in zip(metrics["val.i2t_r1"]["values"], metrics["val.t2i_r1"]["values"]))
     assert rows[0][8:10] == [f"{best:.2f}", f"{trained.result['rsum']:.2f}"]  # best val, test rsum
-    assert rows[0][10] == str(runs / "1" / "best.ckpt")
+    assert rows[0][10] == str(runs / first / "best.ckpt")
     assert rows[2][8:10] == ["-", "-"]  # the failed run has no result
 
 
 def test_compare_shows_the_keys_that_differ_and_the_metrics(browse_runs):
-    runs, trained = browse_runs
-    out = browse("--dir", str(runs), "compare", "1", "2")
+    runs, trained, (first, second, _) = browse_runs
+    out = browse("--dir", str(runs), "compare", first, second)
     keys = out.split("metrics:")[0]
     rows = {line.split()[0]: line.split()[1:] for line in keys.splitlines()[2:] if line.strip()}
     assert rows["direction"] == ['"i2t"', '"t2i"']  # the changed key, run 1's value beside run 2's

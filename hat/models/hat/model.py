@@ -20,11 +20,17 @@ def summed_scores(image_features, caption_features, caption_lengths, direction: 
     """HAT's score of encoded images and captions: the SCAN similarities of the levels
     (per level [N_images, R, D] and [N_captions, L, D]) added up -> [N_images, N_captions].
     ``recompute``: memory-bounded scoring under autograd (see scan_similarity)."""
+    return summed_levels(
+        scan_similarity(images, captions, caption_lengths, direction=direction, lambda_softmax=lambda_softmax,
+                        image_tile=image_tile, caption_tile=caption_tile, recompute=recompute)
+        for images, captions in zip(image_features, caption_features))
+
+
+def summed_levels(levels) -> torch.Tensor:
+    """HAT's score from its level matrices (an iterable of [N_images, N_captions]): their
+    sum, added in level order (training, evaluation and search add them alike)."""
     total = None
-    for images, captions in zip(image_features, caption_features):
-        level = scan_similarity(images, captions, caption_lengths, direction=direction,
-                                lambda_softmax=lambda_softmax, image_tile=image_tile, caption_tile=caption_tile,
-                                recompute=recompute)
+    for level in levels:
         total = level if total is None else total + level
     return total
 

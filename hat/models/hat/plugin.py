@@ -119,7 +119,7 @@ class HATPlugin(ModelPlugin):
 
     def validate_test_keys(self, fail) -> None:
         """The test-time keys: ensemble members, their directions, the feature dtype."""
-        from hat.evaluation import FEATURE_DTYPES
+        from hat.models.hat.evaluation import FEATURE_DTYPES
 
         c = self.c
         ensemble, directions = c["ensemble"], c["ensemble_directions"]
@@ -187,15 +187,16 @@ class HATPlugin(ModelPlugin):
     def test_checkpoints(self) -> list:
         return list(self.c["ensemble"]) or super().test_checkpoints()
 
-    def evaluate(self, model, data, device, options) -> dict:
+    def evaluate(self, model, data, device, options):
         """Summed-level recalls of the model as it is, of a checkpoint, or of the mean of
         several checkpoints' level matrices (an ensemble: HAT (*)). At test time also the
         per-level recalls (per_level) and the feature cache (feature_cache,
         feature_dtype); the 1K folds as ``options.n_folds`` says."""
         from hat.checkpoint import load_model_weights, read_checkpoint_file
-        from hat.evaluation import (FEATURE_DTYPES, cached_features, default_feature_dtype,
-                                    ensemble_similarities, feature_cache_path, level_similarities,
-                                    protocol_metrics)
+        from hat.evaluation import default_feature_dtype
+        from hat.models.hat.evaluation import (FEATURE_DTYPES, checkpoint_levels, ensemble_similarities,
+                                               protocol_metrics)
+        from hat.plugins import Evaluation
 
         c = self.c
         test = options.split == "test"
@@ -210,29 +211,34 @@ class HATPlugin(ModelPlugin):
                 del state
                 scored.append({"checkpoint": os.path.abspath(path), "format": loaded["format"],
                                "direction": model.direction})
-                if test and c["feature_cache"]:  # keyed by everything the features depend on
+                if test and c["feature_cache"]:
                     feature_dtype = feature_dtype or default_feature_dtype(device)
-                    cache = feature_cache_path(c["feature_cache"], path, options.split, extra=(
-                        c["dataset"], c["image_size"], c["image_transform"], c["max_text_len"],
-                        c["captions_per_image"], feature_dtype,
-                        *((key, c[key]) for key in self.architecture_keys)), data_files=data.files)
-            features = cached_features(model, data.images, data.captions, device, feature_dtype, cache)
-            members.append(level_similarities(model, features, c["image_tile"], c["caption_tile"]))
-            del features
+                    cache = self.feature_cache(path, options.split, feature_dtype, data.files)
+            members.append(checkpoint_levels(model, data, device, feature_dtype, cache, c["image_tile"],
+                                             c["caption_tile"]))
             if path is not None:
                 print(f"scored {path} ({loaded['format']}, direction {model.direction})", flush=True)
-        if scored:
-            options.info["checkpoint"] = scored[0]["checkpoint"] if len(scored) == 1 else [
-                m["checkpoint"] for m in scored]
-            options.info["checkpoint_format"] = scored[0]["format"]
-            if len(scored) > 1:
-                options.info["ensemble"] = scored
         levels = members[0] if len(members) == 1 else ensemble_similarities(members)
         del members
         metrics, sims = protocol_metrics(levels, data.caption_to_image, test and c["per_level"], options.n_folds)
-        if options.keep_scores:
-            options.scores.update(sims=sims, i2t=sims, t2i=sims)
-        return metrics
+        return Evaluation(metrics, scored_info(scored),
+                          {"sims": sims, "i2t": sims, "t2i": sims} if options.keep_scores else {})
+
+    def feature_cache(self, checkpoint: str, split: str, feature_dtype, data_files):
+        """The feature cache file of ``checkpoint`` on ``split``, keyed by everything the
+        features depend on (`hat.models.hat.evaluation.feature_cache_path`)."""
+        from hat.models.hat.evaluation import feature_cache_path
+
+        c = self.c
+        return feature_cache_path(c["feature_cache"], checkpoint, split, extra=(
+            c["dataset"], c["image_size"], c["image_transform"], c["max_text_len"], c["captions_per_image"],
+            feature_dtype, *((key, c[key]) for key in self.architecture_keys)), data_files=data_files)
+
+    def table_rows(self, metrics: dict) -> list[str]:
+        """One line per level (when per_level added the ``level{k}_*`` keys)."""
+        from hat.models.hat.evaluation import level_rows
+
+        return level_rows(metrics)
 
     def gallery_attention(self, model, images, input_ids, attention_mask, device):
         """Per pair and level, the SCAN weights of the model's direction (word x region);
@@ -263,7 +269,8 @@ class HATPlugin(ModelPlugin):
 
     def encode_caption_set(self, model, loader, device):
         """{"captions": per level [N_captions, L, D], "lengths": [N_captions]}."""
-        from hat.evaluation import default_feature_dtype, encode_captions, eval_mode
+        from hat.evaluation import default_feature_dtype, eval_mode
+        from hat.models.hat.evaluation import encode_captions
 
         with eval_mode(model):
             levels, lengths = encode_captions(model, loader, device, default_feature_dtype(device))
@@ -271,10 +278,23 @@ class HATPlugin(ModelPlugin):
 
     def score_sets(self, model, image_features, caption_features, rerank: bool = False):
         """The summed level scores, in the model's direction (what evaluate ranks)."""
-        from hat.evaluation import level_similarities, summed_levels
+        from hat.models.hat.evaluation import level_similarities
+        from hat.models.hat.model import summed_levels
 
         return summed_levels(level_similarities(model, {"images": image_features, **caption_features},
                                                 self.c["image_tile"], self.c["caption_tile"]))
+
+
+def scored_info(scored: list) -> dict:
+    """What the run records of the checkpoints scored: the path (a list for an ensemble, with
+    each member's format and direction under ``ensemble``) and the format."""
+    if not scored:
+        return {}
+    info = {"checkpoint": scored[0]["checkpoint"] if len(scored) == 1 else [m["checkpoint"] for m in scored],
+            "checkpoint_format": scored[0]["format"]}
+    if len(scored) > 1:
+        info["ensemble"] = scored
+    return info
 
 
 def member_direction(c, index: int, state) -> str:

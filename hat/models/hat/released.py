@@ -11,6 +11,8 @@ import re
 
 import torch
 
+from hat.checkpoint import load_mapped_state_dict
+
 # level suffix of the authors' projections, by Swin stage (1-based): high, low, mid
 RELEASED_SUFFIX_BY_STAGE = {4: "", 2: "_1", 3: "_2"}
 # buffers the authors' Swin stores and timm recomputes
@@ -84,20 +86,4 @@ def load_released_state_dict(model, released: dict) -> dict:
 
     Returns {"loaded": n, "skipped": [buffer names]}; raises ValueError listing missing,
     unexpected and mis-shaped keys if anything does not match."""
-    mapping = name_map(model)
-    wanted = {released_name: ours for ours, released_name in mapping.items()}
-    own = model.state_dict()
-    skipped = sorted(k for k in released if SKIPPED_BUFFERS.search(k))
-    unexpected = sorted(k for k in released if k not in wanted and k not in skipped)
-    missing = sorted(k for k in wanted if k not in released)
-    mis_shaped = sorted(
-        f"{k} {tuple(released[k].shape)} vs {tuple(own[wanted[k]].shape)}"
-        for k in wanted if k in released and tuple(released[k].shape) != tuple(own[wanted[k]].shape)
-    )
-    if missing or unexpected or mis_shaped:
-        def show(keys):
-            return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-        raise ValueError(f"the released checkpoint does not fit the configured model: missing "
-                         f"{show(missing)}, unexpected {show(unexpected)}, mis-shaped {show(mis_shaped)}")
-    model.load_state_dict({ours: released[name] for name, ours in wanted.items()}, strict=True)
-    return {"loaded": len(wanted), "skipped": skipped}
+    return load_mapped_state_dict(model, released, name_map(model), skipped=SKIPPED_BUFFERS.search)

@@ -176,24 +176,26 @@ class MultiSEAPlugin(ModelPlugin):
 
     stage_labels = {"itc": "ITC"}  # the gallery shows each result's ITC rank beside the re-ranked one
 
-    def evaluate(self, model, data, device, options) -> dict:
+    def evaluate(self, model, data, device, options):
         """ITC shortlist + ITM re-rank of the model as it is or of one checkpoint; the 1K
         folds (each fold shortlisted within itself) as ``options.n_folds`` says."""
         from hat.checkpoint import load_model_weights
         from hat.models.multisea.rerank import evaluate
+        from hat.plugins import Evaluation
 
         if len(options.checkpoints) > 1:
             raise ValueError("Multi-SEA evaluates one checkpoint at a time")
+        info, scores = {}, {}
         if options.checkpoints:
             path = options.checkpoints[0]
             loaded = load_model_weights(model, path)
-            options.info.update(checkpoint=os.path.abspath(path), checkpoint_format=loaded["format"])
+            info.update(checkpoint=os.path.abspath(path), checkpoint_format=loaded["format"])
         metrics, (i2t, t2i) = evaluate(model, data.images, data.captions, data.caption_to_image, device,
                                        k=self.c["top_k"], n_folds=options.n_folds,
-                                       keep=options.scores if options.keep_scores else None)
+                                       keep=scores if options.keep_scores else None)
         if options.keep_scores:
-            options.scores.update(i2t=i2t, t2i=t2i)
-        return metrics
+            scores.update(i2t=i2t, t2i=t2i)
+        return Evaluation(metrics, info, scores)
 
     def encode_image_set(self, model, loader, device):
         """(f_I [N, D], F_I [N, R, D])."""

@@ -15,6 +15,8 @@ import re
 
 import torch
 
+from hat.checkpoint import load_mapped_state_dict
+
 # keys of the authors' files that the model does not use
 CLIP_TEXT_LEFTOVERS = {
     "visual_encoder.positional_embedding": (77, 512),
@@ -75,6 +77,11 @@ def _released_shape(name: str, shape) -> tuple:
     return tuple(shape)[_LEADING_ONES.get(name, 0):]
 
 
+def _unused(key: str) -> bool:
+    """A key of the authors' files that the model does not use."""
+    return bool(SKIPPED_KEYS.search(key)) or key in CLIP_TEXT_LEFTOVERS
+
+
 def to_released_state_dict(model) -> dict[str, torch.Tensor]:
     """The model's state under the authors' key names and shapes, plus the unused CLIP
     text-side entries as zeros (stride-0 views: no memory), as in their Lightning files."""
@@ -93,21 +100,4 @@ def load_released_state_dict(model, released: dict) -> dict:
 
     Returns {"loaded": n, "skipped": [keys not used]}; raises ValueError listing missing,
     unexpected and mis-shaped keys if anything does not match."""
-    wanted = {name: ours for ours, name in name_map(model).items()}
-    own = model.state_dict()
-    skipped = sorted(k for k in released if SKIPPED_KEYS.search(k) or k in CLIP_TEXT_LEFTOVERS)
-    unexpected = sorted(k for k in released if k not in wanted and k not in skipped)
-    missing = sorted(k for k in wanted if k not in released)
-    mis_shaped = sorted(
-        f"{k} {tuple(released[k].shape)} vs {_released_shape(wanted[k], own[wanted[k]].shape)}"
-        for k in wanted
-        if k in released and tuple(released[k].shape) != _released_shape(wanted[k], own[wanted[k]].shape)
-    )
-    if missing or unexpected or mis_shaped:
-        def show(keys):
-            return f"{len(keys)} {keys[:8]}{' ...' if len(keys) > 8 else ''}"
-        raise ValueError(f"the released checkpoint does not fit the configured model: missing "
-                         f"{show(missing)}, unexpected {show(unexpected)}, mis-shaped {show(mis_shaped)}")
-    model.load_state_dict({ours: released[name].reshape(own[ours].shape) for name, ours in wanted.items()},
-                          strict=True)
-    return {"loaded": len(wanted), "skipped": skipped}
+    return load_mapped_state_dict(model, released, name_map(model), skipped=_unused, source_shape=_released_shape)

@@ -11,7 +11,7 @@ from PIL import Image
 from hat.checkpoint import CheckpointError, load_model_weights, read_checkpoint_file
 from hat.models.hat.model import build_hat
 from hat.models.hat.released import SKIPPED_BUFFERS, to_released_state_dict
-from tests.conftest import ROOT, read_key_list
+from tests.conftest import ROOT, only_run_folder, read_key_list
 
 FULL = dict(image_backbone="swin_base_patch4_window7_224", text_backbone="bert-base-uncased",
             level_pairs=[[2, 4], [3, 10], [4, 12]], image_pretrained=False, text_pretrained=False)
@@ -146,11 +146,12 @@ def test_run_test_only_on_released_checkpoint_offline(lightning_file, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     import json
 
-    record = json.loads((tmp_path / "runs" / "1" / "run.json").read_text())
+    run_dir = only_run_folder(tmp_path / "runs")
+    record = json.loads((run_dir / "run.json").read_text())
     assert record["status"] == "COMPLETED"
     assert set(record["result"]) >= {"i2t_r1", "t2i_r1", "rsum", "t2i_meanr"}
     assert 0 <= record["result"]["rsum"] <= 600
-    info = json.loads((tmp_path / "runs" / "1" / "info.json").read_text())
+    info = json.loads((run_dir / "info.json").read_text())
     assert info["checkpoint_format"] == "released-hat"
-    metrics = json.loads((tmp_path / "runs" / "1" / "metrics.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["test.i2t_r1"]["values"] == [record["result"]["i2t_r1"]]
