@@ -199,8 +199,8 @@ def train(job: Job, _run, signals) -> tuple[str, str, ScalarLog]:
         resume_path, found = resume_checkpoint(c, exclude=(out_dir, job.run_dir))
         _run.info.update(found)
     settings = LoopSettings(
-        max_epoch=c["max_epoch"], micro_batch_size=c["per_gpu_batchsize"], precision=c["precision"],
-        clip_norm=c["clip_norm"], select_metric=c["select_metric"], progress=c["progress"],
+        max_epoch=c["max_epoch"], micro_batch_size=c["per_gpu_batchsize"], accumulation=c["accumulation"],
+        precision=c["precision"], clip_norm=c["clip_norm"], select_metric=c["select_metric"], progress=c["progress"],
         checkpoint_every_steps=c["checkpoint_every_steps"], log_every_steps=c["log_every_steps"])
     if c["checkpoint"]:  # fine-tuning: start from these weights (resume_from continues a run instead)
         loaded = load_model_weights(model, c["checkpoint"])

@@ -102,12 +102,17 @@ def validate_config(config) -> None:
             check_writable(key, config[key])
 
 
+ACCUMULATIONS = ["exact", "split"]
+
+
 def validate_batch(config, fail) -> None:
-    """batch_size is the global batch of one optimizer step: a multiple of the micro-batch
-    (per_gpu_batchsize) times the processes; the losses take their negatives from the
-    batch, so it needs at least 2 pairs."""
+    """batch_size is the global batch of one optimizer step: a multiple of the world size,
+    and under split accumulation of the micro-batch (per_gpu_batchsize) times the
+    processes (exact accumulation's last micro-batch may be smaller); the losses take
+    their negatives from the batch, so it needs at least 2 pairs."""
     world_size = world()[1]
     micro, batch = config["per_gpu_batchsize"], config["batch_size"]
+    exact = validate_accumulation(config, fail)
     at_least_two = ("a batch of at least 2 pairs over all processes (the loss takes its negatives from the "
                     "batch: with one pair it is 0 on every step)")
     if batch is not None and not isinstance(batch, int):
@@ -120,10 +125,23 @@ def validate_batch(config, fail) -> None:
     if batch is not None and (batch < 1 or batch % world_size):
         fail("batch_size", f"None or a positive multiple of the world size {world_size} (with "
                            f"per_gpu_batchsize {micro}: of {micro * world_size})")
-    if batch is not None and batch % (micro * world_size):
+    if batch is not None and batch % (micro * world_size) and not exact:
+        hint = " (or accumulation=exact: its last micro-batch may be smaller)" if get_plugin(
+            config["model"]).supports_exact() else ""
         fail("batch_size", f"a multiple of per_gpu_batchsize x world size ({micro} x {world_size} = "
                            f"{micro * world_size}): one optimizer step accumulates batch_size / "
-                           f"{micro * world_size} micro-batches")
+                           f"{micro * world_size} micro-batches{hint}")
+
+
+def validate_accumulation(config, fail) -> bool:
+    """accumulation is exact or split, exact only with a plug-in that has encode_batch and
+    loss_from_features. Returns whether it is exact."""
+    if config["accumulation"] not in ACCUMULATIONS:
+        fail("accumulation", f"{ACCUMULATIONS} (exact: one loss over the whole batch; split: each micro-batch its own)")
+    if config["accumulation"] == "exact" and not get_plugin(config["model"]).supports_exact():
+        raise ConfigProblem(f"accumulation='exact' is not available with model={config['model']} (its plug-in has "
+                            f"no encode_batch/loss_from_features); set accumulation=split")
+    return config["accumulation"] == "exact"
 
 
 def validate_device(name, fail) -> None:

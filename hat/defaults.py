@@ -31,6 +31,7 @@ def runner_defaults():
 
     per_gpu_batchsize = 32  # micro-batch each process runs
     batch_size = None  # global batch of one optimizer step; None: per_gpu_batchsize x processes
+    accumulation = "split"  # micro-batches of a step: split (each its own loss) | exact (one loss over the whole batch)
     max_epoch = 10  # training epochs
     clip_norm = None  # clip the gradient norm to this (None: no clipping)
     precision = "auto"  # auto (the model's choice on CUDA, fp32 on CPU) | fp16 | bf16 | fp32

@@ -89,14 +89,18 @@ def amp_dtype_of(precision: str):
 
 def optimizer_step(network, compute_loss, batch: dict, optimizer, device, micro_batch_size: int,
                    amp_dtype=None, scaler=None, clip_norm: float | None = None, parameters=None,
-                   scheduler=None) -> tuple[dict, bool]:
+                   scheduler=None, exact=None) -> tuple[dict, bool]:
     """One optimizer step on this process's batch, cut into micro-batches of
-    ``micro_batch_size``. Returns ({loss name: batch mean}, skipped): ``skipped`` is True
-    when the fp16 GradScaler dropped the step (inf/NaN gradients).
+    ``micro_batch_size`` (the last may be smaller). Returns ({loss name: batch mean},
+    skipped): ``skipped`` is True when the fp16 GradScaler dropped the step (inf/NaN
+    gradients).
 
-    ``compute_loss(network, micro_batch)`` gives the losses of a micro-batch (tensors on
-    ``device``); each ``["loss"]`` is scaled by the micro-batch's share of the batch, so
-    the gradient is the batch mean's for a loss that is a mean over samples. Under DDP
+    Split accumulation (``exact`` None): ``compute_loss(network, micro_batch)`` gives the
+    losses of a micro-batch (tensors on ``device``); each ``["loss"]`` is scaled by the
+    micro-batch's share of the batch, so the gradient is the batch mean's for a loss that
+    is a mean over samples. Exact accumulation (``exact``: ``(encode, loss_from_features)``,
+    see `exact_gradients`): one loss over the whole batch, as if it were one micro-batch; a
+    batch of one micro-batch runs the split code (the same numbers, bit for bit). Under DDP
     (``network.no_sync``) the gradients are reduced once, on the last micro-batch. The
     gradient norm of ``parameters`` is clipped to ``clip_norm`` (None: not clipped);
     ``scheduler`` (a per-step schedule) steps after the optimizer. A non-finite loss
@@ -105,14 +109,34 @@ def optimizer_step(network, compute_loss, batch: dict, optimizer, device, micro_
     autocast = (torch.autocast(device_type=device.type, dtype=amp_dtype) if amp_dtype is not None
                 else contextlib.nullcontext())
     optimizer.zero_grad(set_to_none=True)
-    names, totals = None, None  # accumulated without host syncs
+    if exact is not None and size > micro_batch_size:
+        values = exact_gradients(network, *exact, batch, device, micro_batch_size, autocast, scaler)
+    else:
+        values = split_gradients(network, compute_loss, batch, device, micro_batch_size, autocast, scaler)
+    return values, _apply_gradients(optimizer, values, scaler, clip_norm, parameters, scheduler)
+
+
+def _micro_batches(batch: dict, device, micro_batch_size: int):
+    """(micro-batch on ``device``, its share of the batch, whether it is the last) in order."""
+    size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
     for start in range(0, size, micro_batch_size):
         micro = {key: value[start:start + micro_batch_size].to(device, non_blocking=True)
                  if isinstance(value, torch.Tensor) else value for key, value in batch.items()}
-        share = min(micro_batch_size, size - start) / size
-        last = start + micro_batch_size >= size
-        sync = contextlib.nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync()
-        with sync:
+        yield micro, min(micro_batch_size, size - start) / size, start + micro_batch_size >= size
+
+
+def _sync(network, last: bool):
+    """DDP reduces the gradients on the last micro-batch only (``no_sync`` before it)."""
+    return contextlib.nullcontext() if last or not hasattr(network, "no_sync") else network.no_sync()
+
+
+def split_gradients(network, compute_loss, batch: dict, device, micro_batch_size: int, autocast,
+                    scaler=None) -> dict:
+    """Split accumulation: each micro-batch's own loss, weighted by its share, backpropagated
+    in turn. Returns {loss name: batch mean} (the step's one host sync)."""
+    names, totals = None, None  # accumulated without host syncs
+    for micro, share, last in _micro_batches(batch, device, micro_batch_size):
+        with _sync(network, last):
             with autocast:
                 losses = compute_loss(network, micro)
             loss = losses["loss"] * share
@@ -121,7 +145,77 @@ def optimizer_step(network, compute_loss, batch: dict, optimizer, device, micro_
             names = list(losses)
             totals = torch.zeros(len(names), device=device)
         totals += torch.stack([losses[name].detach().float() for name in names]) * share
-    values = dict(zip(names, totals.tolist()))  # the step's one host sync
+    return dict(zip(names, totals.tolist()))
+
+
+def exact_gradients(network, encode, loss_from_features, batch: dict, device, micro_batch_size: int,
+                    autocast, scaler=None) -> dict:
+    """Exact accumulation (open_clip's, GradCache's): the gradient of the whole batch's loss
+    (every micro-batch's negatives; every process's, where the plug-in gathers them) with
+    the memory of one micro-batch's graph. (1) ``encode(network, micro)`` runs without a
+    graph, keeping each micro-batch's features (nested dicts/lists of tensors) and the RNG
+    state it ran with; (2) ``loss_from_features(features, micros)`` over all of them is
+    backpropagated to those features alone; (3) each micro-batch is encoded again with a
+    graph under its saved RNG state (dropout and drop-path masks replay identically), and
+    its features' cached gradients flow into the encoders. The generators end where the
+    first pass and the loss left them. Returns {loss name: value} (one host sync)."""
+    micros, states, features = [], [], []
+    with torch.no_grad():
+        for micro, _, _ in _micro_batches(batch, device, micro_batch_size):
+            micros.append(micro)
+            states.append(_rng_of(device))
+            with autocast:
+                features.append(encode(network, micro))
+    cached = [_float_leaves(tree, lambda t: t.detach().requires_grad_(True)) for tree in features]
+    with autocast:
+        losses = loss_from_features([tree for tree, _ in cached], micros)
+    (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
+    after = _rng_of(device)
+    for index, (micro, state, (_, leaves)) in enumerate(zip(micros, states, cached)):
+        _set_rng_of(device, state)
+        with _sync(network, index == len(micros) - 1):
+            with autocast:
+                _, replayed = _float_leaves(encode(network, micro))
+            torch.autograd.backward(replayed, [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+                                               for leaf in leaves])
+    _set_rng_of(device, after)
+    names = list(losses)
+    return dict(zip(names, torch.stack([losses[name].detach().float() for name in names]).tolist()))
+
+
+def _float_leaves(tree, convert=None):
+    """(``tree`` with each floating-point tensor replaced by ``convert(tensor)``, those
+    tensors in a fixed order): ``tree`` is nested dicts, lists and tuples of tensors."""
+    found = []
+
+    def walk(node):
+        if isinstance(node, torch.Tensor) and node.is_floating_point():
+            node = convert(node) if convert is not None else node
+            found.append(node)
+        elif isinstance(node, dict):
+            node = {key: walk(value) for key, value in node.items()}
+        elif isinstance(node, (list, tuple)):
+            node = type(node)(walk(value) for value in node)
+        return node
+
+    return walk(tree), found
+
+
+def _rng_of(device) -> tuple:
+    """The generators a forward on ``device`` draws from: the CPU's, and the device's on CUDA."""
+    return torch.get_rng_state(), torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+
+
+def _set_rng_of(device, state: tuple) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state(state[1], device)
+
+
+def _apply_gradients(optimizer, values: dict, scaler, clip_norm, parameters, scheduler) -> bool:
+    """Clip, step the optimizer (and a per-step ``scheduler``) and clear the gradients;
+    True when the fp16 GradScaler skipped the step. A non-finite loss outside fp16 raises
+    `NonFiniteLoss` first."""
     if scaler is None and not math.isfinite(values["loss"]):
         optimizer.zero_grad(set_to_none=True)
         raise NonFiniteLoss(values["loss"])
@@ -141,7 +235,7 @@ def optimizer_step(network, compute_loss, batch: dict, optimizer, device, micro_
     if scheduler is not None:
         scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    return values, skipped
+    return skipped
 
 
 @dataclass
@@ -150,6 +244,7 @@ class LoopSettings:
 
     max_epoch: int
     micro_batch_size: int  # per process (per_gpu_batchsize)
+    accumulation: str = "split"  # split | exact (the plug-in's encode_batch + loss_from_features)
     precision: str = "fp32"  # fp16 | bf16 | fp32
     clip_norm: float | None = None
     select_metric: tuple = ("rsum",)
@@ -296,12 +391,17 @@ class _Fit:
 
     def train_step(self, batch: dict) -> None:
         """One optimizer step, added to the state (and logged every log_every_steps)."""
-        state, model, settings, epoch = self.state, self.model, self.settings, self.state.epoch
+        state, model, settings, epoch, plugin = self.state, self.model, self.settings, self.state.epoch, self.plugin
+        exact = None
+        if settings.accumulation == "exact":
+            exact = (lambda net, micro: plugin.encode_batch(net, model, micro),
+                     lambda features, micros: plugin.loss_from_features(model, features, micros, epoch, self.gather))
         try:
             losses, skipped = optimizer_step(
-                self.network, lambda net, micro: self.plugin.loss(net, model, micro, epoch, self.gather), batch,
+                self.network, lambda net, micro: plugin.loss(net, model, micro, epoch, self.gather), batch,
                 self.optimizer, self.device, settings.micro_batch_size, self.amp_dtype, self.scaler,
-                settings.clip_norm, model.parameters(), self.scheduler if self.schedule_unit == "step" else None)
+                settings.clip_norm, model.parameters(), self.scheduler if self.schedule_unit == "step" else None,
+                exact)
         except NonFiniteLoss as error:
             raise TrainingFailed(f"non-finite loss ({error}) at epoch {epoch}, step {state.step}; "
                                  f"nothing was written; {self.last_good()}; lower learning_rate") from None

@@ -35,12 +35,17 @@ optional
 ``encode_caption_set`` /  (what `hat.load_model` uses outside the runner; `evaluate`
 ``score_sets``            ranks the same matrix)
 ``gallery_attention``     attention maps the gallery draws
+``encode_batch`` /        exact accumulation (``accumulation="exact"``): a micro-batch's
+``loss_from_features``    features without the loss, and the loss of the whole optimizer
+                          step's batch from every micro-batch's features (a plug-in without
+                          them accumulates split only: each micro-batch its own ``loss``)
 ``released_module``       the authors' released checkpoints: a module that recognises
                           and loads them (with ``released_format``, ``released_keys``)
 ========================  ==============================================================
 
-Everything else (mixed precision, gradient accumulation, DDP, clipping, checkpoints,
-resume, signals, the recall protocol) belongs to the toolkit.
+Everything else (mixed precision, gradient accumulation (split, or exact with the two
+members above), DDP, clipping, checkpoints, resume, signals, the recall protocol) belongs
+to the toolkit.
 """
 from __future__ import annotations
 
@@ -187,6 +192,28 @@ class ModelPlugin(abc.ABC):
         [P, L]): per pair, a list per level of {"label", "direction", "weights": [n_words,
         regions] tensor} over the caption's real tokens. Default: None (no such maps)."""
         return None
+
+    def encode_batch(self, network, model, batch: dict):
+        """Exact accumulation: the features of one micro-batch that `loss_from_features`
+        scores (nested dicts/lists/tuples of tensors; the floating-point ones receive the
+        loss's gradients), from ``network``'s forward (DDP reduces through it). Called
+        twice per micro-batch (without, then with a graph) under the same RNG state: it
+        must draw the same random numbers both times. Default: not supported (split only)."""
+        raise NotImplementedError(f"model={self.name} has no encode_batch: it supports accumulation=split only")
+
+    def loss_from_features(self, model, features: list, batches: list, epoch: int, gather=None) -> dict:
+        """Exact accumulation: the losses of the whole optimizer-step batch, as `loss` gives
+        them for one micro-batch, from ``features[i]`` (`encode_batch` of micro-batch
+        ``batches[i]``, in order); ``gather`` (under DDP) collects every process's. Default:
+        not supported."""
+        raise NotImplementedError(f"model={self.name} has no loss_from_features: it supports accumulation=split only")
+
+    @classmethod
+    def supports_exact(cls) -> bool:
+        """Whether the plug-in has both members exact accumulation needs (its own
+        `encode_batch` and `loss_from_features`)."""
+        return all(getattr(cls, name) is not getattr(ModelPlugin, name)
+                   for name in ("encode_batch", "loss_from_features"))
 
     @staticmethod
     def accepts(model) -> bool:

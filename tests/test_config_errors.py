@@ -166,11 +166,13 @@ def test_batch_size_is_the_global_batch_of_accumulated_micro_batches(f30k_root, 
     from run import UsageError, validate_config
 
     monkeypatch.setenv("WORLD_SIZE", "4")
-    with pytest.raises(UsageError) as error:  # a multiple of 4, not of 58 x 4
-        validate_config(config_with(f30k_root, batch_size=116))
+    with pytest.raises(UsageError) as error:  # a multiple of 4, not of 58 x 4: split accumulation refuses it
+        validate_config(config_with(f30k_root, batch_size=116, accumulation="split"))
     assert str(error.value) == ("batch_size=116 is not valid; allowed: a multiple of per_gpu_batchsize x world "
-                                "size (58 x 4 = 232): one optimizer step accumulates batch_size / 232 micro-batches")
+                                "size (58 x 4 = 232): one optimizer step accumulates batch_size / 232 micro-batches"
+                                " (or accumulation=exact: its last micro-batch may be smaller)")
     validate_config(config_with(f30k_root, batch_size=464))  # two micro-batches of 58 per process
+    validate_config(config_with(f30k_root, batch_size=348))  # exact (HAT's default): 58 + 29 per process
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")

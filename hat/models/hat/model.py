@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from hat.distributed import pad_dim_to
 from hat.models.hat.alignment import scan_similarity
 
 
@@ -24,6 +25,18 @@ def summed_scores(image_features, caption_features, caption_lengths, direction: 
         scan_similarity(images, captions, caption_lengths, direction=direction, lambda_softmax=lambda_softmax,
                         image_tile=image_tile, caption_tile=caption_tile, recompute=recompute)
         for images, captions in zip(image_features, caption_features))
+
+
+def join_features(features: list[dict]) -> dict:
+    """The features of several micro-batches (`HAT.forward` with encode_only) as one batch's:
+    concatenated in order, the word features zero-padded to the longest caption first (the
+    lengths mask the padding)."""
+    longest = max(part["captions"][0].shape[1] for part in features)
+    levels = range(len(features[0]["images"]))
+    return {"images": [torch.cat([part["images"][k] for part in features]) for k in levels],
+            "captions": [torch.cat([pad_dim_to(part["captions"][k], 1, longest) for part in features])
+                         for k in levels],
+            "lengths": torch.cat([part["lengths"] for part in features])}
 
 
 def summed_levels(levels) -> torch.Tensor:
@@ -79,13 +92,21 @@ class HAT(nn.Module):
         return summed_scores(image_features, caption_features, caption_lengths, self.direction,
                              self.lambda_softmax, image_tile, caption_tile, self.recompute_scores)
 
-    def forward(self, images, input_ids, attention_mask, gather=None) -> torch.Tensor:
+    def forward(self, images, input_ids, attention_mask, gather=None, encode_only: bool = False):
         """Batch score matrix [B_images, B_captions] for training. ``gather(tensor,
         pad_dim)`` (optional) collects every process's features, so that the batch's
-        negatives are global under DistributedDataParallel."""
-        image_features = self.encode_images(images)
-        caption_features = self.encode_captions(input_ids, attention_mask)
-        lengths = attention_mask.sum(dim=1)
+        negatives are global under DistributedDataParallel. ``encode_only``: the features
+        alone, {"images", "captions": per level, "lengths"} (exact accumulation encodes
+        through the forward, so that DDP sees it, and scores all micro-batches at once with
+        `batch_scores`)."""
+        features = {"images": self.encode_images(images),
+                    "captions": self.encode_captions(input_ids, attention_mask),
+                    "lengths": attention_mask.sum(dim=1)}
+        return features if encode_only else self.batch_scores(features, gather)
+
+    def batch_scores(self, features: dict, gather=None) -> torch.Tensor:
+        """The training score matrix of `forward`'s features (``gather``: as in forward)."""
+        image_features, caption_features, lengths = features["images"], features["captions"], features["lengths"]
         if gather is not None:
             image_features = [gather(f) for f in image_features]
             caption_features = [gather(f, pad_dim=1) for f in caption_features]

@@ -32,6 +32,7 @@ def hat_config(model, demo_recipe):
         vse_warmup_epochs = 0  # epochs summing over all negatives before the hardest negative
         same_image_mask = False  # True: captions of the same image in a batch are not negatives
         recompute_scores = True  # training: score tiles recomputed in backward (memory of one tile, not B^2)
+        accumulation = "exact"  # one loss over the whole batch: hardest negatives among all its pairs
         per_gpu_batchsize = 58  # micro-batch per process (captions, each with its image)
         learning_rate = 1e-4  # peak learning rate (HAT: Adam, no weight decay; Multi-SEA: AdamW, see its *_lr)
         lr_step_epochs = 10  # StepLR step
@@ -164,14 +165,38 @@ class HATPlugin(ModelPlugin):
         return CaptionPairs(split, tokenizer, transform, self.c["max_text_len"])
 
     def loss(self, network, model, batch: dict, epoch: int, gather=None) -> dict:
+        positive_mask = self.positive_mask([batch], gather)
+        scores = network(batch["images"], batch["input_ids"], batch["attention_mask"], gather=gather)  # [B, B]
+        return self.vse(scores, positive_mask, epoch)
+
+    def encode_batch(self, network, model, batch: dict) -> dict:
+        """The levels' region and word features and the caption lengths of a micro-batch
+        (through ``network``'s forward, so that DDP reduces the replay's gradients)."""
+        return network(batch["images"], batch["input_ids"], batch["attention_mask"], encode_only=True)
+
+    def loss_from_features(self, model, features: list, batches: list, epoch: int, gather=None) -> dict:
+        """`loss` over the whole optimizer-step batch: the micro-batches' features joined and
+        scored as one [B, B] matrix (memory-bounded by recompute_scores), so the hardest
+        negative is drawn from all B pairs."""
+        from hat.models.hat.model import join_features
+
+        positive_mask = self.positive_mask(batches, gather)
+        return self.vse(model.batch_scores(join_features(features), gather=gather), positive_mask, epoch)
+
+    def positive_mask(self, batches: list, gather=None):
+        """same_image_mask: [B, B] True where two pairs of the batch (every process's) share
+        their image; None otherwise."""
+        if not self.c["same_image_mask"]:
+            return None
+        index = torch.cat([batch["image_index"] for batch in batches])
+        index = gather(index) if gather is not None else index
+        return index[:, None] == index[None, :]
+
+    def vse(self, scores, positive_mask, epoch: int) -> dict:
+        """VSE++ of a batch score matrix: the hardest negative from vse_warmup_epochs on."""
         from hat.models.hat.loss import vse_loss
 
         c = self.c
-        positive_mask = None
-        if c["same_image_mask"]:
-            index = gather(batch["image_index"]) if gather is not None else batch["image_index"]
-            positive_mask = index[:, None] == index[None, :]
-        scores = network(batch["images"], batch["input_ids"], batch["attention_mask"], gather=gather)  # [B, B]
         return {"loss": vse_loss(scores.float(), c["margin"], epoch >= c["vse_warmup_epochs"], positive_mask)}
 
     def optimizer(self, model):

@@ -39,6 +39,7 @@ def multisea_config(model, demo_recipe):
         top_k = 64  # test: ITM re-ranks each query's top-k ITC candidates
         batch_size = 500  # one optimizer step per 500 pairs (gradient accumulation)
         per_gpu_batchsize = 20  # micro-batch per process
+        accumulation = "split"  # each micro-batch its own loss (exact is not written for Multi-SEA yet)
         learning_rate = 1e-5  # AdamW: AFormer, projections, poolers, ITM head
         encoder_lr = 1e-6  # AdamW group of the two backbones
         alpha_lr = 1e-4  # AdamW group of the enhancement gate alpha
