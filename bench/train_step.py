@@ -4,6 +4,8 @@
     python bench/train_step.py scoring --batch 58 --device cuda --budget-gb 80
     python bench/train_step.py step                  # (b) a HAT and a Multi-SEA step, demo configs, CPU
     python bench/train_step.py step --device cuda --paper --precision bf16 fp16
+    python bench/train_step.py accumulation          # (c) HAT's batch of 58: 1 x 58 vs exact/split micro-batches
+    python bench/train_step.py accumulation --device cuda --paper --precision bf16
 
 (a) scoring: forward + backward of the three-level [B, B] score matrix and the VSE++ loss
 (D = 768, R = 784/196/49, captions of 8-32 tokens, the same inputs for every method),
@@ -23,6 +25,21 @@ optimizer): images/s and peak memory; on CUDA also the model FLOPs utilisation: 
 step's FLOPs (torch.utils.flop_counter, forward + backward) per second against the
 device's peak dense throughput for the precision (--peak-tflops, or a table of known
 devices), printed with the peak used.
+
+(c) accumulation: HAT's optimizer step over a batch of 58 (the demo architecture on the
+CPU, the paper's with --paper), through the runner's code (the plug-in's model, loss,
+encode_batch and loss_from_features; hat.loop.optimizer_step with ``exact=`` as
+_Fit.train_step passes it), one row per way of running it, each in a fresh process:
+  1 x 58          the whole batch as one micro-batch (the reference)
+  exact 4 micro   accumulation=exact, per_gpu_batchsize 15 (15+15+15+13)
+  exact 8 micro   accumulation=exact, per_gpu_batchsize 8 (7 x 8 + 2)
+  split 8 micro   accumulation=split, per_gpu_batchsize 8 (each micro-batch its own loss)
+Time per optimizer step is the minimum over --steps steps after one warm-up step; peak
+memory as in (b) (beyond what the process held before the model was built, so it counts
+the model and the optimizer state), and the step's own working set (beyond what it held
+once the model and the optimizer existed). Ratio lines compare each row with the 1 x 58
+row of the same run; the issue's targets (exact 8 micro: peak memory <= 0.4x, time <=
+1.5x the 1 x 58 step's) are printed as met or not, never asserted.
 """
 from __future__ import annotations
 
@@ -222,16 +239,24 @@ def step_worker(args) -> dict:
     if args.channels_last:
         model = model.to(memory_format=torch.channels_last)
     model.train()
-    plugin.start_epoch(model, config["max_epoch"] - 1)  # the main phase: what trains after the freezing
+    epoch = config["max_epoch"] - 1
+    plugin.start_epoch(model, epoch)  # the main phase: what trains after the freezing
     optimizer = plugin.optimizer(model)
     amp_dtype = amp_dtype_of(args.precision)
     scaler = torch.amp.GradScaler(device.type) if amp_dtype == torch.float16 else None
     batch_size = config["per_gpu_batchsize"]
     batch = synthetic_batch(config, plugin, batch_size)
+    micro_batch_size = args.micro or batch_size
+    exact = None
+    if args.accumulation == "exact":  # as _Fit.train_step builds it (one process: no gather)
+        exact = (lambda net, micro: plugin.encode_batch(net, model, micro),
+                 lambda features, micros: plugin.loss_from_features(model, features, micros, epoch))
+    model_bytes = (torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_gb() * 1e9) - base
 
     def step():
-        optimizer_step(model, lambda net, micro: plugin.loss(net, model, micro, config["max_epoch"] - 1), batch,
-                       optimizer, device, batch_size, amp_dtype, scaler, config["clip_norm"], model.parameters())
+        optimizer_step(model, lambda net, micro: plugin.loss(net, model, micro, epoch), batch,
+                       optimizer, device, micro_batch_size, amp_dtype, scaler, config["clip_norm"],
+                       model.parameters(), exact=exact)
 
     def sync():
         if device.type == "cuda":
@@ -239,11 +264,13 @@ def step_worker(args) -> dict:
 
     step()  # warm-up (allocations, kernels, lazy optimizer state)
     sync()
-    start = time.perf_counter()
+    times = []
     for _ in range(args.steps):
+        start = time.perf_counter()
         step()
-    sync()
-    seconds = (time.perf_counter() - start) / args.steps
+        sync()
+        times.append(time.perf_counter() - start)
+    seconds = sum(times) / args.steps
     peak = ((torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda"
             else rss_gb() - base / 1e9)
     flops = None
@@ -254,8 +281,9 @@ def step_worker(args) -> dict:
         with counter:
             step()
         flops = counter.get_total_flops()
-    return {"seconds": seconds, "images_per_s": batch_size / seconds, "peak_gb": peak, "flops": flops,
-            "batch": batch_size, "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
+    return {"seconds": seconds, "min_seconds": min(times), "images_per_s": batch_size / seconds, "peak_gb": peak,
+            "model_gb": model_bytes / 1e9, "flops": flops, "batch": batch_size, "micro": micro_batch_size,
+            "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
 
 def peak_tflops(device_name: str, precision: str, given: float | None):
@@ -267,10 +295,11 @@ def peak_tflops(device_name: str, precision: str, given: float | None):
     return None, "unknown device: pass --peak-tflops"
 
 
-def run_step_worker(args, model: str, precision: str) -> dict:
+def run_step_worker(args, model: str, precision: str, micro: int | None = None, accumulation: str = "split") -> dict:
     command = [sys.executable, os.path.abspath(__file__), "step-worker", "--model", model, "--precision", precision,
-               "--device", args.device, "--steps", str(args.steps)]
+               "--device", args.device, "--steps", str(args.steps), "--accumulation", accumulation]
     command += (["--paper"] if args.paper else []) + (["--batch", str(args.batch)] if args.batch else [])
+    command += ["--micro", str(micro)] if micro else []
     command += (["--flops"] if args.flops else []) + (["--channels-last"] if args.channels_last else [])
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -295,6 +324,40 @@ def steps(args) -> int:
                     line += (f", MFU {100 * achieved / peak:.1f}% of {peak:g} TFLOPS ({source}, {r['device_name']})"
                              if peak else f" ({source})")
             print(line, flush=True)
+    return 0
+
+
+ACCUMULATION_ROWS = (("1 x 58", None, "split"), ("exact 4 micro", 15, "exact"), ("exact 8 micro", 8, "exact"),
+                     ("split 8 micro", 8, "split"))
+TARGET_ACC_MEMORY, TARGET_ACC_TIME = 0.4, 1.5  # issue 23: exact 8 micro vs 1 x 58
+
+
+def accumulation(args) -> int:
+    """(c) HAT's batch of 58 in one micro-batch, and exact / split over 4 and 8 micro-batches."""
+    recipe = "paper" if args.paper else "demo"
+    print(f"HAT optimizer steps over a batch of {args.batch} ({recipe} architecture, synthetic batch), device "
+          f"{args.device}, {args.precision}, min of {args.steps} steps after one warm-up, a fresh process per row")
+    rows = {}
+    for name, micro, mode in ACCUMULATION_ROWS:
+        micro = micro if micro is None or micro < args.batch else None
+        r = rows[name] = run_step_worker(args, "hat", args.precision, micro, mode)
+        counts = [min(r["micro"], r["batch"] - start) for start in range(0, r["batch"], r["micro"])]
+        print(f"  {name:14s} {'+'.join(map(str, counts)):17s} {r['min_seconds']:8.3f} s/step  "
+              f"{r['batch'] / r['min_seconds']:7.1f} images/s  peak {r['peak_gb']:6.3f} GB  "
+              f"(step's working set {r['peak_gb'] - r['model_gb']:6.3f} GB, model {r['model_gb']:.3f} GB)",
+              flush=True)
+    one = rows["1 x 58"]
+    for name, _, _ in ACCUMULATION_ROWS[1:]:
+        r = rows[name]
+        memory, seconds = r["peak_gb"] / one["peak_gb"], r["min_seconds"] / one["min_seconds"]
+        working = (r["peak_gb"] - r["model_gb"]) / (one["peak_gb"] - one["model_gb"])
+        line = (f"  {name}: peak memory {memory:.2f} x, time {seconds:.2f} x the 1 x {args.batch} step "
+                f"(working set {working:.2f} x)")
+        if name == "exact 8 micro":
+            line += (f"; targets: peak <= {TARGET_ACC_MEMORY}x {'met' if memory <= TARGET_ACC_MEMORY else 'NOT met'}"
+                     f" (working set {'met' if working <= TARGET_ACC_MEMORY else 'NOT met'}), time <= "
+                     f"{TARGET_ACC_TIME}x {'met' if seconds <= TARGET_ACC_TIME else 'NOT met'}")
+        print(line, flush=True)
     return 0
 
 
@@ -325,6 +388,14 @@ def main(argv=None) -> int:
         p.add_argument("--flops", action="store_true", default=None,
                        help="count FLOPs (torch.utils.flop_counter; default on CUDA)")
         p.add_argument("--channels-last", action="store_true")
+    acc = sub.add_parser("accumulation", help="(c) HAT's batch of 58: one micro-batch vs exact / split accumulation")
+    acc.add_argument("--device", default="cpu")
+    acc.add_argument("--paper", action="store_true", help="the paper's architecture (default: the demo's)")
+    acc.add_argument("--batch", type=int, default=58, help="the optimizer step's batch")
+    acc.add_argument("--steps", type=int, default=3, help="timed steps per row (the minimum is printed)")
+    acc.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    step_w.add_argument("--micro", type=int, default=None, help="micro-batch size (default: the whole batch)")
+    step_w.add_argument("--accumulation", choices=["split", "exact"], default="split")
     step.add_argument("--models", nargs="+", default=["hat", "multisea"])
     step.add_argument("--precision", nargs="+", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, "
                                                                     "bf16 and fp16 on CUDA)")
@@ -343,6 +414,10 @@ def main(argv=None) -> int:
         args.precision = args.precision or (["bf16", "fp16"] if cuda else ["fp32"])
         args.flops = cuda if args.flops is None else args.flops
         return steps(args)
+    if args.command == "accumulation":
+        args.precision = args.precision or ("bf16" if args.device.startswith("cuda") else "fp32")
+        args.flops, args.channels_last = False, False
+        return accumulation(args)
     return scoring(args)
 
 
