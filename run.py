@@ -279,11 +279,16 @@ def scalar_log(c, _run, folder: str | None) -> ScalarLog:
 
 
 @ex.command(unobserved=True)  # it writes arrow files, not a run: nothing to record
-def prepare_data(dataset, raw_root, data_root, skip_missing_images, progress):
+def prepare_data(dataset, raw_root, data_root, skip_missing_images, progress, captions, image_column,
+                 caption_column, val_images, test_images, seed):
     """Write the arrow files of dataset=f30k|coco from raw_root (the images and the
-    Karpathy JSON) into data_root; splits already complete are skipped."""
+    Karpathy JSON) into data_root; splits already complete are skipped. With
+    captions=FILE: dataset=NAME from your own pictures under raw_root."""
+    custom = {} if captions is None else {"image_column": image_column, "caption_column": caption_column,
+                                          "val_images": val_images, "test_images": test_images, "seed": seed}
     try:
-        return prepare_dataset(dataset, raw_root, data_root, skip_missing_images, progress=progress)
+        return prepare_dataset(dataset, raw_root, data_root, skip_missing_images, progress=progress,
+                               captions=captions, **custom)
     except DataError as error:
         raise UsageError(str(error)) from None
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 
 import pyarrow as pa
 from PIL import Image
@@ -33,9 +34,13 @@ SPLIT_FILES = {
         "test": ["demo_caption_test"],
     },
 }
+CUSTOM_SPLITS = ("train", "val", "test")  # a prepared custom dataset: NAME_caption_<split>.arrow
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*\Z")
 README_HINT = "see README.md, section 'Data'"
 PREPARE_COMMAND = ("`python run.py prepare_data with dataset={dataset} raw_root=RAW data_root={data_root}` "
                    "(or `python -m datamodules.prepare`)")
+CUSTOM_PREPARE_COMMAND = ("`python run.py prepare_data with dataset={dataset} raw_root=DIR captions=FILE "
+                          "data_root={data_root}` (or `python -m datamodules.prepare`)")
 
 
 class DataError(Exception):
@@ -46,17 +51,50 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def custom_name_problem(dataset) -> str | None:
+    """Why ``dataset`` cannot name a custom (prepared) dataset, or None. Its name becomes
+    part of file names, so it is one plain word; the built-in names keep their files."""
+    if dataset in SPLIT_FILES:
+        return f"dataset={dataset!r} is a built-in dataset; give your captions another name (dataset=NAME)"
+    if not isinstance(dataset, str) or not _NAME.match(dataset):
+        return (f"dataset={dataset!r} cannot name a dataset: use letters, digits, '_', '-' or '.' "
+                f"(it becomes part of the arrow file names)")
+    return None
+
+
+def custom_file(data_root: str, dataset: str, split: str) -> str:
+    return os.path.join(data_root, f"{dataset}_caption_{split}.arrow")
+
+
 def split_paths(data_root: str, dataset: str, split: str) -> list[str]:
-    if dataset not in SPLIT_FILES:
-        raise DataError(f"unknown dataset {dataset!r}; choose one of {sorted(SPLIT_FILES)}")
-    if split not in SPLIT_FILES[dataset]:
-        raise DataError(f"unknown split {split!r}; choose one of {sorted(SPLIT_FILES[dataset])}")
-    return [os.path.join(data_root, name + ".arrow") for name in SPLIT_FILES[dataset][split]]
+    """The arrow files of ``dataset``'s ``split``: the built-in layouts of SPLIT_FILES, or
+    ``NAME_caption_<split>.arrow`` for any other name (what prepare_data writes for
+    captions=FILE)."""
+    files = SPLIT_FILES.get(dataset)
+    if files is None:
+        problem = custom_name_problem(dataset)
+        if problem:
+            raise DataError(problem)
+        files = {name: [f"{dataset}_caption_{name}"] for name in CUSTOM_SPLITS}
+    if split not in files:
+        raise DataError(f"unknown split {split!r}; choose one of {sorted(files)}")
+    return [os.path.join(data_root, name + ".arrow") for name in files[split]]
+
+
+def prepare_command(dataset: str, data_root) -> str:
+    """How to write ``dataset``'s arrow files: the Karpathy JSON of a built-in one, a
+    captions file of any other."""
+    template = PREPARE_COMMAND if dataset in SPLIT_FILES else CUSTOM_PREPARE_COMMAND
+    return template.format(dataset=dataset, data_root=data_root)
+
+
+def _source(dataset: str) -> str:
+    return "the Karpathy JSON" if dataset in SPLIT_FILES else "your captions file"
 
 
 def _check_root(data_root, dataset: str) -> None:
-    command = PREPARE_COMMAND.format(dataset=dataset, data_root=data_root)
-    fix = (f"write the arrow files from the raw images and the Karpathy JSON with {command}, "
+    command = prepare_command(dataset, data_root)
+    fix = (f"write the arrow files from the raw images and {_source(dataset)} with {command}, "
            f"or point data_root at the folder that holds them")
     if not data_root:
         raise DataError(f"data_root is not set: pass data_root=/path/to/arrow/files ({README_HINT})")
@@ -70,9 +108,9 @@ def _check_root(data_root, dataset: str) -> None:
 
 def _check_file(path: str, dataset: str, split: str, data_root: str) -> None:
     if not os.path.isfile(path):
-        command = PREPARE_COMMAND.format(dataset=dataset, data_root=data_root)
+        command = prepare_command(dataset, data_root)
         raise DataError(f"missing arrow file {path} for the {dataset} {split} split: write it from "
-                        f"the raw images and the Karpathy JSON with {command}, or point data_root at "
+                        f"the raw images and {_source(dataset)} with {command}, or point data_root at "
                         f"the folder that holds it ({README_HINT})")
 
 

@@ -1,4 +1,5 @@
-"""Raw images + Karpathy split JSON -> ViLT-format arrow files, streamed.
+"""Raw images + Karpathy split JSON -> ViLT-format arrow files, streamed (your own
+pictures and captions: ``captions=FILE``, see datamodules.custom).
 
     python -m datamodules.prepare --dataset coco --raw-root /data/coco --data-root /data/coco_arrow
     python run.py prepare_data with dataset=coco raw_root=/data/coco data_root=/data/coco_arrow
@@ -26,6 +27,7 @@ import pyarrow as pa
 from tqdm import tqdm
 
 from datamodules.arrow import REQUIRED_COLUMNS, DataError, one_line
+from datamodules.custom import prepare_custom
 from datamodules.karpathy import iter_images
 from datamodules.writer import ArrowWriter, remove_stale_temporaries
 
@@ -167,13 +169,27 @@ def write_splits(dataset: str, json_path: str, raw_root: str, targets: dict, tot
 
 
 def prepare_dataset(dataset: str, raw_root: str, data_root: str, skip_missing_images: bool = False, *,
-                    karpathy_json: str | None = None, progress: bool = True,
-                    batch_rows: int | None = None) -> dict:
-    """Write the arrow files of ``dataset`` (f30k or coco) from ``raw_root`` (images and
-    the Karpathy JSON) into ``data_root``. Returns a summary: per split the file, its
-    images and captions and whether it was written now or already complete."""
+                    captions: str | None = None, karpathy_json: str | None = None, progress: bool = True,
+                    batch_rows: int | None = None, **custom) -> dict:
+    """Write the arrow files of ``dataset`` into ``data_root``: f30k or coco from
+    ``raw_root`` (images and the Karpathy JSON), or with ``captions`` (your captions
+    file) any other name from your own pictures (datamodules.custom; ``custom``:
+    image_column, caption_column, val_images, test_images, seed). Returns a summary:
+    per split the file, its images and captions and whether it was written now."""
+    if captions is not None:
+        return prepare_custom(dataset, raw_root, data_root, captions, skip_missing_images=skip_missing_images,
+                              batch_rows=batch_rows, **custom)
+    return prepare_karpathy(dataset, raw_root, data_root, skip_missing_images, karpathy_json=karpathy_json,
+                            progress=progress, batch_rows=batch_rows)
+
+
+def prepare_karpathy(dataset: str, raw_root: str, data_root: str, skip_missing_images: bool = False, *,
+                     karpathy_json: str | None = None, progress: bool = True,
+                     batch_rows: int | None = None) -> dict:
+    """f30k or coco from the Karpathy JSON; splits whose file is complete are skipped."""
     if dataset not in SOURCES:
-        raise DataError(f"dataset={dataset!r} cannot be prepared; choose one of {sorted(SOURCES)}")
+        raise DataError(f"dataset={dataset!r} cannot be prepared without captions=FILE (a CSV, TSV, JSON Lines "
+                        f"or COCO JSON file of your captions); the built-in ones are {sorted(SOURCES)}")
     source = SOURCES[dataset]
     if not raw_root or not os.path.isdir(raw_root):
         raise DataError(f"raw_root={raw_root} is not a directory: pass the folder holding "
@@ -225,12 +241,30 @@ def prepare_dataset(dataset: str, raw_root: str, data_root: str, skip_missing_im
             "seconds": round(time.time() - start, 1)}
 
 
+def _count_or_fraction(text: str):
+    return float(text) if any(c in text for c in ".eE") else int(text)
+
+
+def add_custom_arguments(parser) -> None:
+    """The flags of your own captions: the same keys as prepare_data's config keys."""
+    parser.add_argument("--captions", help="your captions: CSV/TSV with a header, JSON Lines or COCO caption "
+                                           "JSON; image paths relative to RAW_ROOT")
+    parser.add_argument("--image-column", default="image", help="the column/field of the image path")
+    parser.add_argument("--caption-column", default="caption", help="the column/field of the caption")
+    parser.add_argument("--val-images", type=_count_or_fraction, default=0.05,
+                        help="without a split column: val pictures (a count, or a fraction such as 0.05)")
+    parser.add_argument("--test-images", type=_count_or_fraction, default=0.05,
+                        help="without a split column: test pictures (a count or a fraction)")
+    parser.add_argument("--seed", type=int, default=0, help="without a split column: the split's seed")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m datamodules.prepare",
         description="Write the ViLT-format arrow files of Flickr30K or MSCOCO (Karpathy splits) "
                     "from the raw images and the Karpathy split JSON.")
-    parser.add_argument("--dataset", required=True, choices=sorted(SOURCES))
+    parser.add_argument("--dataset", required=True,
+                        help=f"{' or '.join(sorted(SOURCES))} (Karpathy splits), or a name of your own with --captions")
     parser.add_argument("--raw-root", required=True,
                         help="folder with dataset_{flickr30k,coco}.json and the images "
                              "(flickr30k-images/ or train2014/ + val2014/)")
@@ -239,10 +273,15 @@ def main(argv=None) -> int:
                         help="leave out images listed in the JSON whose file is absent")
     parser.add_argument("--karpathy-json", help="the split file, if not RAW_ROOT/dataset_<name>.json")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add_custom_arguments(parser)
     args = parser.parse_args(argv)
+    custom = {} if args.captions is None else {
+        "image_column": args.image_column, "caption_column": args.caption_column,
+        "val_images": args.val_images, "test_images": args.test_images, "seed": args.seed}
     try:
         prepare_dataset(args.dataset, args.raw_root, args.data_root, args.skip_missing_images,
-                        karpathy_json=args.karpathy_json, progress=not args.no_progress)
+                        karpathy_json=args.karpathy_json, progress=not args.no_progress,
+                        captions=args.captions, **custom)
     except DataError as error:  # one line on stderr, exit status 2 (as for a usage error)
         parser.exit(2, f"error: {error}\n")
     return 0

@@ -10,7 +10,8 @@ import time
 import torch
 
 from datamodules import DataError, check_data_root
-from datamodules.arrow import SPLIT_FILES, fewest_captions
+from datamodules.arrow import (CUSTOM_SPLITS, SPLIT_FILES, custom_file, custom_name_problem, fewest_captions,
+                               prepare_command)
 from datamodules.demo import CAPTIONS_PER_IMAGE as DEMO_CAPTIONS
 from datamodules.transforms import TRANSFORM_NAMES
 from hat.backbones import text_limits
@@ -43,10 +44,7 @@ def validate_config(config) -> None:
     def fail(key, allowed):
         raise ConfigProblem(f"{key}={config[key]!r} is not valid; allowed: {allowed}")
 
-    choices = {"model": model_names(), "dataset": sorted(SPLIT_FILES), "image_transform": list(TRANSFORM_NAMES)}
-    for key, allowed in choices.items():
-        if config[key] not in allowed:
-            fail(key, allowed)
+    validate_choices(config, fail)
     if config["precision"] not in PRECISIONS + ["auto"]:
         fail("precision", f"{PRECISIONS} or 'auto' (the model's choice on CUDA, fp32 on the CPU)")
     if not config["select_metric"] or any(k not in METRIC_KEYS for k in config["select_metric"]):
@@ -100,6 +98,39 @@ def validate_config(config) -> None:
     for key in writable:
         if config[key]:
             check_writable(key, config[key])
+
+
+def validate_choices(config, fail) -> None:
+    """model, image_transform and dataset name something that exists."""
+    choices = {"model": model_names(), "image_transform": list(TRANSFORM_NAMES)}
+    for key, allowed in choices.items():
+        if config[key] not in allowed:
+            fail(key, allowed)
+    validate_dataset(config, fail)
+
+
+def validate_dataset(config, fail) -> None:
+    """dataset is built in, or a name prepare_data wrote into data_root (one of its
+    NAME_caption_<split>.arrow files is there; a missing other split is named by
+    check_data_root). A name with none of its files is most likely a typo."""
+    dataset, data_root = config["dataset"], config["data_root"]
+    if dataset in SPLIT_FILES:
+        return
+    if custom_name_problem(dataset) is None and data_root and any(
+            os.path.isfile(custom_file(data_root, dataset, split)) for split in CUSTOM_SPLITS):
+        return
+    found = sorted(name for name in prepared_names(data_root) if name not in SPLIT_FILES)
+    fail("dataset", f"{sorted(SPLIT_FILES)} or a name prepared into data_root={data_root} "
+                    f"({'found: ' + ', '.join(found) if found else 'none there'}; write your own with "
+                    f"{prepare_command(dataset, data_root)})")
+
+
+def prepared_names(data_root) -> set:
+    """The NAMEs of the NAME_caption_<split>.arrow files in data_root."""
+    if not data_root or not os.path.isdir(data_root):
+        return set()
+    suffixes = tuple(f"_caption_{split}.arrow" for split in CUSTOM_SPLITS)
+    return {name[:-len(suffix)] for name in os.listdir(data_root) for suffix in suffixes if name.endswith(suffix)}
 
 
 ACCUMULATIONS = ["exact", "split"]

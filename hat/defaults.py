@@ -11,7 +11,7 @@ from sacred.config.utils import chain_evaluate_config_scopes
 
 def runner_defaults():
     model = "hat"  # a registered model: hat | multisea (with multisea)
-    dataset = "f30k"  # f30k | coco | demo (with flickr, with coco_config, with demo)
+    dataset = "f30k"  # f30k | coco | demo (with flickr, with coco_config, with demo) | a name you prepared
     demo_recipe = dataset == "demo"  # the demo's small models (with demo); also on other data
     exp_name = f"{model}_{dataset}"  # name of the experiment (checkpoint folder when no observer)
     seed = 0  # seeds python, numpy and torch
@@ -19,11 +19,17 @@ def runner_defaults():
     data_root = None  # folder holding the ViLT-format arrow files (README, "Data")
     raw_root = None  # prepare_data: folder with the images and dataset_{flickr30k,coco}.json
     skip_missing_images = False  # prepare_data: leave out images whose file is absent
+    captions = None  # prepare_data: your captions file (CSV/TSV, JSON Lines, COCO JSON) for dataset=NAME
+    image_column = "image"  # prepare_data, captions: the column/field holding the image path (relative to raw_root)
+    caption_column = "caption"  # prepare_data, captions: the column/field holding the caption
+    val_images = 0.05  # prepare_data, captions without a split column: val pictures (count or fraction)
+    test_images = 0.05  # prepare_data, captions without a split column: test pictures (count or fraction)
     image_size = 224  # input resolution
     image_transform = "hat"  # hat: RandomResizedCrop+flip / Resize+CenterCrop; plain: resize only; clip: CLIP resize+crop+norm
     text_backbone = "bert-base-uncased"  # HF hub name, local folder, or packaged-minilm (also the tokenizer)
     max_text_len = 32  # tokens including [CLS] and [SEP]
-    captions_per_image = 5  # test protocol: first 5 captions per image; None keeps every caption
+    # test protocol: first 5 captions per image; None keeps every caption (your own data: any count)
+    captions_per_image = 5 if dataset in ("f30k", "coco", "demo") else None
     num_workers = min(8, os.cpu_count() or 1)  # data loader processes (at most one per CPU core)
     demo_train_images = 2000  # dataset=demo only: training images generated
     demo_eval_images = 200  # dataset=demo only: val and test images generated (each)
