@@ -225,3 +225,24 @@ def test_picture_in_two_splits_and_reserved_names(raw, tmp_path):
     with pytest.raises(DataError, match=r"c\.jsonl row 2: no field 'image' \(fields found: picture, caption\)"):
         prepare(raw, str(jsonl), tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_demo_models_train_validate_test_and_draw_a_custom_set(raw, tmp_path):
+    """A prepared set of pictures with 1-4 captions each, through the whole runner."""
+    from run import ex
+
+    write_table(raw / "captions.csv", caption_rows())
+    out = tmp_path / "arrow"
+    prepare(raw, raw / "captions.csv", out, val_images=6, test_images=6)
+    run = ex.run(named_configs=["demo"], config_updates={
+        "dataset": NAME, "data_root": str(out), "max_epoch": 1, "per_gpu_batchsize": 8, "eval_batch_size": 8,
+        "progress": False, "observer_dir": str(tmp_path / "runs"), "n_queries": 4})
+    assert run.status == "COMPLETED" and run.config["captions_per_image"] is None
+    test = open_split(str(out), NAME, "test")
+    n_captions = sum(len(test.captions(i)) for i in range(len(test)))
+    assert n_captions != 5 * len(test)  # not the 5-caption protocol: every caption counts
+    ranked = json.loads(open(run.info["gallery"]["retrievals"]).read())
+    assert len(ranked["t2i"]) == n_captions and len(ranked["i2t"]) == len(test) == 6
+    for key in ("i2t_r1", "t2i_r1", "rsum"):
+        assert 0 <= run.result[key] <= (600 if key == "rsum" else 100)
+    assert os.path.isfile(run.info["gallery"]["gallery"])
