@@ -51,6 +51,15 @@ def one_line(text) -> str:
     return " ".join(str(text).split())
 
 
+def check_prepare_folders(raw_root, data_root, raw_holds: str) -> None:
+    """prepare_data's two folders: raw_root must be a directory (``raw_holds``: what it
+    must hold, for the message) and data_root must be set; else a one-line DataError."""
+    if not raw_root or not os.path.isdir(raw_root):
+        raise DataError(f"raw_root={raw_root} is not a directory: pass the folder {raw_holds}")
+    if not data_root:
+        raise DataError("data_root is not set: pass the folder to write the arrow files into")
+
+
 def custom_name_problem(dataset) -> str | None:
     """Why ``dataset`` cannot name a custom (prepared) dataset, or None. Its name becomes
     part of file names, so it is one plain word; the built-in names keep their files."""

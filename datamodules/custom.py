@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from datamodules.arrow import DataError, custom_file, custom_name_problem, one_line
+from datamodules.arrow import DataError, check_prepare_folders, custom_file, custom_name_problem, one_line
 from datamodules.atomic import atomic_file
 from datamodules.captions import SPLIT_COLUMN, SPLITS, read_captions
 from datamodules.writer import ArrowWriter, remove_stale_temporaries
@@ -192,11 +192,7 @@ def prepare_custom(dataset: str, raw_root: str, data_root: str, captions: str, *
     problem = custom_name_problem(dataset)
     if problem:
         raise DataError(problem)
-    if not raw_root or not os.path.isdir(raw_root):
-        raise DataError(f"raw_root={raw_root} is not a directory: pass the folder the image paths in "
-                        f"{captions} are relative to")
-    if not data_root:
-        raise DataError("data_root is not set: pass the folder to write the arrow files into")
+    check_prepare_folders(raw_root, data_root, f"the image paths in {captions} are relative to")
     start = time.time()
     rows = read_captions(captions, image_column, caption_column)
     found = group_rows(rows, captions, raw_root, skip_missing_images)

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 import pyarrow as pa
 from tqdm import tqdm
 
-from datamodules.arrow import REQUIRED_COLUMNS, DataError, one_line
+from datamodules.arrow import REQUIRED_COLUMNS, DataError, check_prepare_folders, one_line
 from datamodules.custom import prepare_custom
 from datamodules.karpathy import iter_images
 from datamodules.writer import ArrowWriter, remove_stale_temporaries
@@ -191,11 +191,8 @@ def prepare_karpathy(dataset: str, raw_root: str, data_root: str, skip_missing_i
         raise DataError(f"dataset={dataset!r} cannot be prepared without captions=FILE (a CSV, TSV, JSON Lines "
                         f"or COCO JSON file of your captions); the built-in ones are {sorted(SOURCES)}")
     source = SOURCES[dataset]
-    if not raw_root or not os.path.isdir(raw_root):
-        raise DataError(f"raw_root={raw_root} is not a directory: pass the folder holding "
-                        f"{source.json_name} and the images ({'flickr30k-images/' if dataset == 'f30k' else 'train2014/, val2014/'})")
-    if not data_root:
-        raise DataError("data_root is not set: pass the folder to write the arrow files into")
+    images = "flickr30k-images/" if dataset == "f30k" else "train2014/, val2014/"
+    check_prepare_folders(raw_root, data_root, f"holding {source.json_name} and the images ({images})")
     json_path = karpathy_json or os.path.join(raw_root, source.json_name)
     if not os.path.isfile(json_path):
         raise DataError(f"missing Karpathy split file {json_path}: put {source.json_name} (from "
