@@ -249,7 +249,7 @@ def step_worker(args) -> dict:
     micro_batch_size = args.micro or batch_size
     exact = None
     if args.accumulation == "exact":  # as _Fit.train_step builds it (one process: no gather)
-        exact = (lambda net, micro: plugin.encode_batch(net, model, micro),
+        exact = (lambda net, micro, first: plugin.encode_batch(net, model, micro, first),
                  lambda features, micros: plugin.loss_from_features(model, features, micros, epoch))
     model_bytes = (torch.cuda.memory_allocated(device) if device.type == "cuda" else current_rss_gb() * 1e9) - base
 

@@ -4,7 +4,9 @@ the number of processes.
 The order of an epoch is a permutation drawn from a generator seeded with (seed, epoch);
 it is cut into global batches of ``batch_size`` (the last partial batch is dropped).
 Process ``rank`` of ``world_size`` takes its contiguous slice of every global batch, so
-the union over ranks is the single-process batch. ``start_batch`` skips the batches an
+the union over ranks is the single-process batch; a batch that does not divide by the
+world size gives the first ``batch_size % world_size`` ranks one pair more (`rank_shares`:
+58 on 4 processes is 15 + 15 + 14 + 14). ``start_batch`` skips the batches an
 interrupted run already trained on. With ``with_epoch`` the items are (epoch, index)
 pairs: a dataset whose item depends on the epoch (one random caption per image) then
 gets the epoch from the sampler, which lives in the main process, also when the items
@@ -16,11 +18,16 @@ import torch
 from torch.utils.data import Sampler
 
 
+def rank_shares(batch_size: int, world_size: int) -> list[int]:
+    """How many pairs of a global batch each rank takes, in rank order."""
+    return [batch_size // world_size + (rank < batch_size % world_size) for rank in range(world_size)]
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     def __init__(self, num_items: int, batch_size: int, seed: int, rank: int = 0,
                  world_size: int = 1, with_epoch: bool = False):
-        if batch_size % world_size:
-            raise ValueError(f"batch size {batch_size} is not divisible by world size {world_size}")
+        if batch_size < world_size:
+            raise ValueError(f"batch size {batch_size} leaves a process of the {world_size} without pairs")
         if num_items < batch_size:
             raise ValueError(f"{num_items} training items cannot fill one batch of {batch_size}")
         self.num_items, self.batch_size, self.seed = num_items, batch_size, seed
@@ -36,8 +43,9 @@ class GlobalBatchSampler(Sampler[list[int]]):
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.num_items, generator=generator).tolist()
-        local = self.batch_size // self.world_size
+        shares = rank_shares(self.batch_size, self.world_size)
+        offset, local = sum(shares[:self.rank]), shares[self.rank]
         for batch in range(self.start_batch, self.num_items // self.batch_size):
-            start = batch * self.batch_size + self.rank * local
+            start = batch * self.batch_size + offset
             items = order[start:start + local]
             yield [(self.epoch, index) for index in items] if self.with_epoch else items

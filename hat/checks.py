@@ -137,9 +137,10 @@ ACCUMULATIONS = ["exact", "split"]
 
 
 def validate_batch(config, fail) -> None:
-    """batch_size is the global batch of one optimizer step: a multiple of the world size,
-    and under split accumulation of the micro-batch (per_gpu_batchsize) times the
-    processes (exact accumulation's last micro-batch may be smaller); the losses take
+    """batch_size is the global batch of one optimizer step: under split accumulation a
+    multiple of the micro-batch (per_gpu_batchsize) times the processes; under exact
+    accumulation any size of at least the world size (unequal shares per process, a
+    smaller last micro-batch: the loss is one over the whole batch); the losses take
     their negatives from the batch, so it needs at least 2 pairs."""
     world_size = world()[1]
     micro, batch = config["per_gpu_batchsize"], config["batch_size"]
@@ -153,7 +154,9 @@ def validate_batch(config, fail) -> None:
             fail("batch_size", at_least_two)
         if micro * world_size < 2:
             fail("per_gpu_batchsize", at_least_two)
-    if batch is not None and (batch < 1 or batch % world_size):
+    if batch is not None and exact and batch < world_size:
+        fail("batch_size", f"None or at least the world size {world_size} (every process takes a share of the batch)")
+    if batch is not None and not exact and (batch < 1 or batch % world_size):
         fail("batch_size", f"None or a positive multiple of the world size {world_size} (with "
                            f"per_gpu_batchsize {micro}: of {micro * world_size})")
     if batch is not None and batch % (micro * world_size) and not exact:

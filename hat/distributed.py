@@ -56,10 +56,12 @@ def pad_dim_to(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return F.pad(tensor, [0, 0] * (tensor.dim() - dim - 1) + [0, missing])
 
 
-def gather_padded(tensor: torch.Tensor, pad_dim: int | None = None) -> torch.Tensor:
+def gather_padded(tensor: torch.Tensor, pad_dim: int | None = None, sizes: list[int] | None = None) -> torch.Tensor:
     """Concatenate every rank's ``tensor`` along dim 0, with autograd: the gradient of each
     rank's piece is summed over ranks. ``pad_dim``: a dim whose size may differ between
-    ranks (caption length); it is zero-padded to the largest first."""
+    ranks (caption length); it is zero-padded to the largest first. ``sizes``: every
+    rank's dim-0 size, where they differ (a global batch that does not divide by the world
+    size: `datamodules.sampler.rank_shares`); None: all equal."""
     if active_world()[1] == 1:
         return tensor
     if pad_dim is not None:
@@ -68,7 +70,10 @@ def gather_padded(tensor: torch.Tensor, pad_dim: int | None = None) -> torch.Ten
         tensor = pad_dim_to(tensor, pad_dim, int(size.item()))
     import torch.distributed.nn.functional as dist_fn
 
-    return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    if sizes is None or len(set(sizes)) == 1:
+        return torch.cat(dist_fn.all_gather(tensor), dim=0)
+    pieces = dist_fn.all_gather(pad_dim_to(tensor, 0, max(sizes)))
+    return torch.cat([piece[:size] for piece, size in zip(pieces, sizes)], dim=0)
 
 
 def _share(total: int, world_size: int) -> int:

@@ -18,6 +18,7 @@ sums, skipped steps, best score: what every checkpoint records), in named steps:
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import random
@@ -30,6 +31,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from datamodules.sampler import rank_shares
 from hat.checkpoint import link_checkpoint, load_training_state, non_finite_parameters, save_checkpoint
 from hat.distributed import barrier, gather_padded, is_main_process, world
 from hat.evaluation import NonFiniteScores
@@ -152,35 +154,80 @@ def exact_gradients(network, encode, loss_from_features, batch: dict, device, mi
                     autocast, scaler=None) -> dict:
     """Exact accumulation (open_clip's, GradCache's): the gradient of the whole batch's loss
     (every micro-batch's negatives; every process's, where the plug-in gathers them) with
-    the memory of one micro-batch's graph. (1) ``encode(network, micro)`` runs without a
-    graph, keeping each micro-batch's features (nested dicts/lists of tensors) and the RNG
-    state it ran with; (2) ``loss_from_features(features, micros)`` over all of them is
-    backpropagated to those features alone; (3) each micro-batch is encoded again with a
-    graph under its saved RNG state (dropout and drop-path masks replay identically), and
-    its features' cached gradients flow into the encoders. The generators end where the
-    first pass and the loss left them. Returns {loss name: value} (one host sync)."""
-    micros, states, features = [], [], []
-    with torch.no_grad():
-        for micro, _, _ in _micro_batches(batch, device, micro_batch_size):
-            micros.append(micro)
-            states.append(_rng_of(device))
+    the memory of one micro-batch's graph. (1) ``encode(network, micro, None)`` runs
+    without a graph, keeping each micro-batch's features (nested dicts/lists of tensors)
+    and the RNG state it ran with; (2) ``loss_from_features(features, micros)`` over all of
+    them is backpropagated to those features alone; (3) each micro-batch is encoded again,
+    ``encode(network, micro, first)`` with ``first`` its features of (1), with a graph under
+    its saved RNG state (dropout and drop-path masks replay identically; the plug-in may
+    reuse from ``first`` what needs no gradient, such as a frozen encoder's output), and
+    its features' cached gradients flow into the encoders (features the loss did not use,
+    and replayed ones that need no gradient, are left out). Under DDP every pass runs in
+    ``no_sync`` and the gradients are averaged over the processes once at the end
+    (`average_gradients`): the loss uses parameters outside DDP's forward (Multi-SEA's ITM
+    fusion), which DDP's own reduction would miss. The generators end where the first pass
+    and the loss left them. Returns {loss name: value} (one host sync)."""
+    with _no_sync(network):
+        micros, states, features = [], [], []
+        with torch.no_grad():
+            for micro, _, _ in _micro_batches(batch, device, micro_batch_size):
+                micros.append(micro)
+                states.append(_rng_of(device))
+                with autocast:
+                    features.append(encode(network, micro, None))
+        cached = [_float_leaves(tree, lambda t: t.detach().requires_grad_(True)) for tree in features]
+        with autocast:
+            losses = loss_from_features([tree for tree, _ in cached], micros)
+        (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
+        after = _rng_of(device)
+        for micro, state, first, (_, leaves) in zip(micros, states, features, cached):
+            _set_rng_of(device, state)
             with autocast:
-                features.append(encode(network, micro))
-    cached = [_float_leaves(tree, lambda t: t.detach().requires_grad_(True)) for tree in features]
-    with autocast:
-        losses = loss_from_features([tree for tree, _ in cached], micros)
-    (scaler.scale(losses["loss"]) if scaler is not None else losses["loss"]).backward()
-    after = _rng_of(device)
-    for index, (micro, state, (_, leaves)) in enumerate(zip(micros, states, cached)):
-        _set_rng_of(device, state)
-        with _sync(network, index == len(micros) - 1):
-            with autocast:
-                _, replayed = _float_leaves(encode(network, micro))
-            torch.autograd.backward(replayed, [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
-                                               for leaf in leaves])
-    _set_rng_of(device, after)
+                _, replayed = _float_leaves(encode(network, micro, first))
+            pairs = [(out, leaf.grad) for out, leaf in zip(replayed, leaves)
+                     if out.requires_grad and leaf.grad is not None]
+            if pairs:
+                torch.autograd.backward(*zip(*pairs))
+        _set_rng_of(device, after)
+    if hasattr(network, "no_sync"):
+        average_gradients(network.parameters())
     names = list(losses)
     return dict(zip(names, torch.stack([losses[name].detach().float() for name in names]).tolist()))
+
+
+def _no_sync(network):
+    return network.no_sync() if hasattr(network, "no_sync") else contextlib.nullcontext()
+
+
+def average_gradients(parameters, bucket_bytes: int = 25 * 2 ** 20) -> None:
+    """Average the gradients of ``parameters`` over the processes (what DDP's reduction
+    does), in flat buckets of about ``bucket_bytes`` per dtype. Every process must hold
+    gradients for the same parameters (the same code ran on each)."""
+    import torch.distributed as dist
+
+    world_size = dist.get_world_size()
+
+    def reduce(grads):
+        flat = torch.cat([grad.reshape(-1) for grad in grads])
+        dist.all_reduce(flat)
+        flat.div_(world_size)
+        for grad, part in zip(grads, flat.split([grad.numel() for grad in grads])):
+            grad.copy_(part.view_as(grad))
+
+    pending = {}  # dtype -> (gradients, their bytes)
+    for param in parameters:
+        if param.grad is None:
+            continue
+        grads, size = pending.get(param.grad.dtype, ([], 0))
+        grads.append(param.grad)
+        size += param.grad.numel() * param.grad.element_size()
+        if size >= bucket_bytes:
+            reduce(grads)
+            grads, size = [], 0
+        pending[param.grad.dtype] = (grads, size)
+    for grads, _ in pending.values():
+        if grads:
+            reduce(grads)
 
 
 def _float_leaves(tree, convert=None):
@@ -337,7 +384,11 @@ class _Fit:
         # after that many steps, which a later finite loss has shown to be good
         self.written = {}
         self.network, self.trainable = model, None  # DDP's wrapper, and the parameters it syncs
-        self.gather = gather_padded if self.world_size > 1 else None
+        # every process's features; a global batch that does not divide by the processes
+        # (exact accumulation only) gives them unequal shares, which the gather is told
+        shares = rank_shares(loader.batch_sampler.batch_size, self.world_size)
+        self.gather = (None if self.world_size == 1 else gather_padded if len(set(shares)) == 1
+                       else functools.partial(gather_padded, sizes=shares))
 
     def resume(self, path: str, info: dict) -> None:
         """Load everything an exact resume needs from checkpoint ``path``, and carry the
@@ -394,7 +445,7 @@ class _Fit:
         state, model, settings, epoch, plugin = self.state, self.model, self.settings, self.state.epoch, self.plugin
         exact = None
         if settings.accumulation == "exact":
-            exact = (lambda net, micro: plugin.encode_batch(net, model, micro),
+            exact = (lambda net, micro, first: plugin.encode_batch(net, model, micro, first),
                      lambda features, micros: plugin.loss_from_features(model, features, micros, epoch, self.gather))
         try:
             losses, skipped = optimizer_step(

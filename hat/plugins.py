@@ -193,12 +193,16 @@ class ModelPlugin(abc.ABC):
         regions] tensor} over the caption's real tokens. Default: None (no such maps)."""
         return None
 
-    def encode_batch(self, network, model, batch: dict):
+    def encode_batch(self, network, model, batch: dict, first=None):
         """Exact accumulation: the features of one micro-batch that `loss_from_features`
         scores (nested dicts/lists/tuples of tensors; the floating-point ones receive the
-        loss's gradients), from ``network``'s forward (DDP reduces through it). Called
-        twice per micro-batch (without, then with a graph) under the same RNG state: it
-        must draw the same random numbers both times. Default: not supported (split only)."""
+        loss's gradients), from ``network``'s forward (so that it runs as the model's forward
+        under DDP). Called twice per micro-batch under the same RNG state: without a graph
+        (``first`` None), then with one (``first``: what the first call returned, detached),
+        and it must draw the same random numbers both times. The second call may take from
+        ``first`` what needs no gradient (a frozen encoder's output) instead of computing it
+        again, provided nothing random runs after what it skips. Default: not supported
+        (split only)."""
         raise NotImplementedError(f"model={self.name} has no encode_batch: it supports accumulation=split only")
 
     def loss_from_features(self, model, features: list, batches: list, epoch: int, gather=None) -> dict:

@@ -82,8 +82,11 @@ def test_batch_not_divisible_by_world_size(f30k_root, monkeypatch):
 
     monkeypatch.setenv("WORLD_SIZE", "4")
     with pytest.raises(UsageError, match="batch_size=58 is not valid; allowed: None or a positive multiple of the world size 4"):
-        validate_config(config_with(f30k_root, batch_size=58))
+        validate_config(config_with(f30k_root, batch_size=58, accumulation="split"))
     validate_config(config_with(f30k_root))  # per_gpu_batchsize x 4 is always divisible
+    validate_config(config_with(f30k_root, batch_size=58))  # exact (HAT's default): 15 + 15 + 14 + 14
+    with pytest.raises(UsageError, match="batch_size=3 is not valid; allowed: None or at least the world size 4"):
+        validate_config(config_with(f30k_root, batch_size=3))
 
 
 def test_demo_text_layers_checked_against_minilm(tmp_path):

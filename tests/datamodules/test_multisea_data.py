@@ -107,3 +107,18 @@ def test_padding_to_a_fixed_length_with_the_tokenizers_pad_id():
     assert batch["image_index"].tolist() == [4, 9] and batch["images"].shape == (2, 3, 2, 2)
     with pytest.raises(ValueError, match="5 tokens does not fit pad_to=4"):
         pad_token_ids([[0, 5, 6, 9, 2]], pad_to=4)
+
+
+def test_a_batch_that_does_not_divide_by_the_processes_is_shared_unevenly():
+    """5 pairs on 3 processes: 2 + 2 + 1, contiguous, their union the single process's batch."""
+    from datamodules.sampler import GlobalBatchSampler, rank_shares
+
+    assert rank_shares(58, 4) == [15, 15, 14, 14] and rank_shares(8, 2) == [4, 4]
+    single = list(GlobalBatchSampler(17, 5, seed=2))
+    ranks = [list(GlobalBatchSampler(17, 5, seed=2, rank=rank, world_size=3)) for rank in range(3)]
+    assert len(single) == 3 and all(len(batches) == 3 for batches in ranks)
+    for batch, items in enumerate(single):
+        assert [len(r[batch]) for r in ranks] == [2, 2, 1]
+        assert ranks[0][batch] + ranks[1][batch] + ranks[2][batch] == items
+    with pytest.raises(ValueError, match="batch size 2 leaves a process of the 3 without pairs"):
+        GlobalBatchSampler(17, 2, seed=2, world_size=3)

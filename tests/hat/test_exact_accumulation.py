@@ -40,7 +40,7 @@ def pair_batch(size, seed=4):
 def step(model, batch, micro_batch_size, exact=True):
     """One optimizer step through the loop -> (losses, {parameter name: the gradient it stepped with})."""
     optimizer = RecordingSGD(model.parameters(), lr=0.1)
-    pair = (lambda net, micro: PLUGIN.encode_batch(net, model, micro),
+    pair = (lambda net, micro, first: PLUGIN.encode_batch(net, model, micro, first),
             lambda features, micros: PLUGIN.loss_from_features(model, features, micros, 1))
     values, skipped = optimizer_step(model, lambda net, micro: PLUGIN.loss(net, model, micro, 1), batch, optimizer,
                                      CPU, micro_batch_size, exact=pair if exact else None)
@@ -82,6 +82,19 @@ def test_exact_step_is_the_one_micro_batch_step(size, micro):
     assert differ(split_grads, expected)
 
 
+def one_graph_over_micro_batches(model, batch, seed, micro=5):
+    """The reference with random masks: each micro-batch encoded in turn with a graph (from
+    ``seed``), one loss over all of them -> (loss, gradients, the RNG state after)."""
+    reference = copy.deepcopy(model)
+    torch.manual_seed(seed)
+    micros = [{key: value[start:start + micro] for key, value in batch.items()}
+              for start in range(0, batch["images"].shape[0], micro)]
+    features = [PLUGIN.encode_batch(reference, reference, part) for part in micros]
+    loss = PLUGIN.loss_from_features(reference, features, micros, 1)["loss"]
+    loss.backward()
+    return loss, {name: p.grad for name, p in reference.named_parameters()}, torch.get_rng_state()
+
+
 def test_exact_replays_dropout_and_drop_path():
     """With text dropout and Swin drop-path on, each micro-batch's replay draws the masks its
     no-grad pass drew: the step's gradients are those of one graph over the same masks
@@ -92,20 +105,32 @@ def test_exact_replays_dropout_and_drop_path():
     assert not torch.equal(first["images"][0], PLUGIN.encode_batch(model, model, batch)["images"][0])
     assert not torch.equal(first["captions"][0], PLUGIN.encode_batch(model, model, batch)["captions"][0])
 
-    reference = copy.deepcopy(model)
-    torch.manual_seed(11)
-    micros = [{key: value[start:start + 5] for key, value in batch.items()} for start in (0, 5, 10)]
-    features = [PLUGIN.encode_batch(reference, reference, micro) for micro in micros]
-    loss = PLUGIN.loss_from_features(reference, features, micros, 1)["loss"]
-    loss.backward()
-    rng_after = torch.get_rng_state()
-    expected = {name: p.grad for name, p in reference.named_parameters()}
+    loss, expected, rng_after = one_graph_over_micro_batches(model, batch, seed=11)
 
     torch.manual_seed(11)
     values, grads = step(copy.deepcopy(model), batch, 5)
     assert values["loss"] == pytest.approx(loss.item(), rel=1e-5)
     assert_same_gradients(grads, expected)
     assert torch.equal(torch.get_rng_state(), rng_after)  # the step drew what the one graph drew
+
+
+def test_frozen_text_encoder_runs_once_per_micro_batch():
+    """While the text encoder is frozen (the demo's MiniLM) the replay takes its layers from
+    the no-grad pass instead of running it again, with dropout and drop-path on: the step
+    equals one graph over the same masks, and the text encoder ran 3 times for 3
+    micro-batches, not 6."""
+    model, batch = tiny_hat(text_dropout=0.2, drop_path_rate=0.3), pair_batch(13)
+    model.set_backbones_trainable(image=True, text=False)
+    loss, expected, _ = one_graph_over_micro_batches(model, batch, seed=11)
+    assert all(expected[name] is None for name, p in model.named_parameters() if name.startswith("text_encoder."))
+
+    stepped, calls = copy.deepcopy(model), []
+    stepped.text_encoder.register_forward_hook(lambda module, args, out: calls.append(args[0].shape[0]))
+    torch.manual_seed(11)
+    values, grads = step(stepped, batch, 5)
+    assert calls == [5, 5, 3]
+    assert values["loss"] == pytest.approx(loss.item(), rel=1e-5)
+    assert_same_gradients(grads, expected)
 
 
 def test_one_micro_batch_and_split_run_the_split_code_bit_for_bit():
@@ -160,8 +185,13 @@ def test_accumulation_key_defaults_and_refusals():
     with pytest.raises(ConfigProblem, match=r"^batch_size=13 is not valid; allowed: a multiple of .*"
                                             r"accumulation=exact"):
         check(dict(hat, batch_size=13, per_gpu_batchsize=5, accumulation="split"))
-    with pytest.raises(ConfigProblem, match=r"^accumulation='exact' is not available with model=multisea .*"
-                                            r"set accumulation=split$"):
-        check(dict(multisea, accumulation="exact"))
+    check(dict(multisea, accumulation="exact"))  # Multi-SEA has both members too
+    from tests.toy_model import registered_toy
+
+    with registered_toy():  # a plug-in without encode_batch / loss_from_features: split only
+        toy = dict(multisea, model="toy", accumulation="exact")
+        with pytest.raises(ConfigProblem, match=r"^accumulation='exact' is not available with model=toy .*"
+                                                r"set accumulation=split$"):
+            check(toy)
     with pytest.raises(ConfigProblem, match=r"^accumulation='mean' is not valid; allowed: \['exact', 'split'\]"):
         check(dict(hat, accumulation="mean"))

@@ -81,9 +81,10 @@ class HAT(nn.Module):
         stages = self.image_encoder(images)
         return [proj(stage) for proj, stage in zip(self.image_proj, stages)]
 
-    def encode_captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """input_ids, attention_mask [B, L] -> per level [B, L, embed_dim]."""
-        layers = self.text_encoder(input_ids, attention_mask)
+    def encode_captions(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, text_layers=None):
+        """input_ids, attention_mask [B, L] -> per level [B, L, embed_dim]. ``text_layers``:
+        the text encoder's output for them, if already computed."""
+        layers = self.text_encoder(input_ids, attention_mask) if text_layers is None else text_layers
         return [proj(layer) for proj, layer in zip(self.text_proj, layers)]
 
     def score(self, image_features, caption_features, caption_lengths, image_tile=None,
@@ -92,16 +93,22 @@ class HAT(nn.Module):
         return summed_scores(image_features, caption_features, caption_lengths, self.direction,
                              self.lambda_softmax, image_tile, caption_tile, self.recompute_scores)
 
-    def forward(self, images, input_ids, attention_mask, gather=None, encode_only: bool = False):
+    def forward(self, images, input_ids, attention_mask, gather=None, encode_only: bool = False,
+                keep_text_layers: bool = False, text_layers=None):
         """Batch score matrix [B_images, B_captions] for training. ``gather(tensor,
         pad_dim)`` (optional) collects every process's features, so that the batch's
         negatives are global under DistributedDataParallel. ``encode_only``: the features
         alone, {"images", "captions": per level, "lengths"} (exact accumulation encodes
-        through the forward, so that DDP sees it, and scores all micro-batches at once with
-        `batch_scores`)."""
-        features = {"images": self.encode_images(images),
-                    "captions": self.encode_captions(input_ids, attention_mask),
+        through the forward and scores all micro-batches at once with `batch_scores`);
+        ``keep_text_layers`` adds the text encoder's layers (``"text_layers"``), and
+        ``text_layers`` given are used instead of running the text encoder."""
+        images = self.encode_images(images)
+        if keep_text_layers and text_layers is None:
+            text_layers = self.text_encoder(input_ids, attention_mask)
+        features = {"images": images, "captions": self.encode_captions(input_ids, attention_mask, text_layers),
                     "lengths": attention_mask.sum(dim=1)}
+        if keep_text_layers:
+            features["text_layers"] = [layer.detach() for layer in text_layers]
         return features if encode_only else self.batch_scores(features, gather)
 
     def batch_scores(self, features: dict, gather=None) -> torch.Tensor:

@@ -169,10 +169,17 @@ class HATPlugin(ModelPlugin):
         scores = network(batch["images"], batch["input_ids"], batch["attention_mask"], gather=gather)  # [B, B]
         return self.vse(scores, positive_mask, epoch)
 
-    def encode_batch(self, network, model, batch: dict) -> dict:
+    def encode_batch(self, network, model, batch: dict, first=None) -> dict:
         """The levels' region and word features and the caption lengths of a micro-batch
-        (through ``network``'s forward, so that DDP reduces the replay's gradients)."""
-        return network(batch["images"], batch["input_ids"], batch["attention_mask"], encode_only=True)
+        (through ``network``'s forward). While the text encoder is frozen its layers are
+        kept too (``"text_layers"``, unused by the loss) and the replay (``first`` given)
+        takes them from ``first`` instead of running it again: the text encoder runs after
+        the image encoder and only its deterministic projections follow it, so the replay
+        draws the same random numbers for everything it does run."""
+        frozen = not any(param.requires_grad for param in model.text_encoder.parameters())
+        text_layers = first.get("text_layers") if first is not None and frozen else None
+        return network(batch["images"], batch["input_ids"], batch["attention_mask"], encode_only=True,
+                       keep_text_layers=frozen, text_layers=text_layers)
 
     def loss_from_features(self, model, features: list, batches: list, epoch: int, gather=None) -> dict:
         """`loss` over the whole optimizer-step batch: the micro-batches' features joined and

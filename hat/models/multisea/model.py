@@ -112,21 +112,40 @@ class MultiSEA(nn.Module):
         self.temp.clamp_(*self.temp_range)
 
     def forward(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                image_index: torch.Tensor, gather=_identity, generator: torch.Generator | None = None,
-                update_queue: bool = True) -> dict:
+                image_index: torch.Tensor | None = None, gather=_identity, generator: torch.Generator | None = None,
+                update_queue: bool = True, encode_only: bool = False) -> dict:
         """One training forward: L = L_itc + L_itm. Returns {"loss", "loss_itc", "loss_itm"}.
 
         images [B, 3, H, W]; input_ids, attention_mask [B, L]; image_index [B] (dataset
         index of each pair's image). ``gather`` concatenates a tensor over ranks along
         dim 0 (identity on one process; under DDP it must carry gradients, e.g. an
         all_gather_with_grad): used for the queue write and the hard-negative pool.
-        The queue is written after the ITC loss (update_queue=False leaves it alone)."""
+        The queue is written after the ITC loss (update_queue=False leaves it alone).
+        ``encode_only``: the encoders' outputs alone (`encode_pairs`; exact accumulation
+        encodes through the forward and takes the losses of all micro-batches at once
+        with `pair_losses`)."""
         if self.training:
             self.clamp_scalars_()
-        image_index = image_index.view(-1).to(self.idx_queue.device)
+        features = self.encode_pairs(images, input_ids, attention_mask)
+        if encode_only:
+            return features
+        return self.pair_losses(features, attention_mask, image_index, gather, generator, update_queue)
+
+    def encode_pairs(self, images: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> dict:
+        """{"image_feats" f_I [B, D], "image_states" F_I [B, R, D], "text_feats" f_T [B, D],
+        "text_states" F_T [B, L, D]} of a batch of pairs (images first, then captions)."""
         image_feats, image_states = self.encode_images(images)
         text_feats, text_states = self.encode_captions(input_ids, attention_mask)
+        return {"image_feats": image_feats, "image_states": image_states, "text_feats": text_feats,
+                "text_states": text_states}
 
+    def pair_losses(self, features: dict, attention_mask: torch.Tensor, image_index: torch.Tensor,
+                    gather=_identity, generator: torch.Generator | None = None, update_queue: bool = True) -> dict:
+        """ITC over [batch; queue], the queue write, the hard negatives and ITM of
+        `encode_pairs`' features of a batch (see `forward`)."""
+        image_feats, image_states = features["image_feats"], features["image_states"]
+        text_feats, text_states = features["text_feats"], features["text_states"]
+        image_index = image_index.view(-1).to(self.idx_queue.device)
         loss_itc = itc_loss(image_feats, text_feats, image_index, self.image_queue, self.text_queue,
                             self.idx_queue, self.temp)
         all_index = gather(image_index)  # [N] over ranks

@@ -39,7 +39,7 @@ def multisea_config(model, demo_recipe):
         top_k = 64  # test: ITM re-ranks each query's top-k ITC candidates
         batch_size = 500  # one optimizer step per 500 pairs (gradient accumulation)
         per_gpu_batchsize = 20  # micro-batch per process
-        accumulation = "split"  # each micro-batch its own loss (exact is not written for Multi-SEA yet)
+        accumulation = "split"  # the authors' recipe: each micro-batch its own ITC, queue write and negatives (exact: one loss over the 500)
         learning_rate = 1e-5  # AdamW: AFormer, projections, poolers, ITM head
         encoder_lr = 1e-6  # AdamW group of the two backbones
         alpha_lr = 1e-4  # AdamW group of the enhancement gate alpha
@@ -159,6 +159,27 @@ class MultiSEAPlugin(ModelPlugin):
             hooks["generator"] = self.generator
         out = network(batch["images"], batch["input_ids"], batch["attention_mask"], batch["image_index"],
                       **hooks)
+        return {key: out[key] for key in LOSS_KEYS}
+
+    def encode_batch(self, network, model, batch: dict, first=None) -> dict:
+        """Exact accumulation: f_I, F_I, f_T, F_T of a micro-batch (through ``network``'s
+        forward; computed again in the replay: the AFormer's dropout follows the text
+        encoder, so nothing can be reused)."""
+        model.clamp_scalars_()
+        return network(batch["images"], batch["input_ids"], batch["attention_mask"], encode_only=True)
+
+    def loss_from_features(self, model, features: list, batches: list, epoch: int, gather=None) -> dict:
+        """`loss` over the whole optimizer-step batch: ITC of all its pairs against each
+        other and the queue, the queue written once with all of them, the hard negatives
+        drawn from all of them (every process's, under DDP), ITM of their 3B pairs. The
+        captions of every micro-batch are padded to max_text_len (`pad_to`)."""
+        import torch
+
+        joined = {key: torch.cat([part[key] for part in features]) for key in features[0]}
+        hooks = {} if gather is None else {"gather": gather}
+        out = model.pair_losses(joined, torch.cat([batch["attention_mask"] for batch in batches]),
+                                torch.cat([batch["image_index"] for batch in batches]),
+                                generator=self.generator, **hooks)
         return {key: out[key] for key in LOSS_KEYS}
 
     def optimizer(self, model):
