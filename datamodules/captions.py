@@ -1,12 +1,14 @@
-"""Your own captions, read from CSV/TSV, JSON Lines, COCO caption JSON or a Karpathy
-split file, as one stream of `CaptionRow` (image path, caption, split or None, row).
+"""Your own captions, read from CSV/TSV, JSON Lines, COCO caption JSON, a Karpathy split
+file or a Flickr8K/Flickr30K token file, as one stream of `CaptionRow` (image path,
+caption, split or None, row).
 
 Every reader checks what it can see in one row and stops at the first bad one with a
 one-line DataError "<file> row <n>: <what>; <fix>", so a mistake is found in the file
 the user edits, at the row they must fix. Rows are the 1-based data rows (CSV/TSV: the
 header is row 1, as a spreadsheet numbers them; JSON Lines: the line; COCO: the entry of
-``annotations``; Karpathy: the entry of ``images``). CSV, TSV and JSON Lines are read
-line by line (memory flat); a .json file is one object and is loaded whole.
+``annotations``; Karpathy: the entry of ``images``; token file: the line). CSV, TSV, JSON
+Lines and token files are read line by line (memory flat); a .json file is one object and
+is loaded whole.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import csv
 import json
 import os
 import posixpath
+import re
 from typing import Iterator, NamedTuple
 
 from datamodules.arrow import DataError
@@ -21,8 +24,12 @@ from datamodules.arrow import DataError
 SPLITS = ("train", "val", "test")
 SPLIT_COLUMN = "split"  # optional; without it the pictures are split by datamodules.custom
 KARPATHY_SPLITS = {"train": "train", "restval": "train", "val": "val", "test": "test"}
-FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json"}
+FORMATS = {".csv": "csv", ".tsv": "tsv", ".tab": "tsv", ".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json",
+           ".txt": "token", ".token": "token"}  # Flickr8k.token.txt, Flickr30K's results_20130124.token
 COLUMN_FIX = "set image_column=... / caption_column=... to the names your file uses"
+TOKEN_LINE = re.compile(r"([^\t#]+)#(\d+)\t(.*)")  # IMAGE#K<TAB>caption, K the caption's number
+TOKEN_FIX = ("a line of a Flickr8K/Flickr30K token file is IMAGE#K<TAB>caption (Flickr8k.token.txt); "
+             "fix the line, or use a CSV/TSV with a header")
 
 
 class CaptionRow(NamedTuple):
@@ -35,12 +42,14 @@ class CaptionRow(NamedTuple):
 def read_captions(path: str, image_column: str = "image", caption_column: str = "caption") -> Iterator[CaptionRow]:
     """Every caption of ``path`` in file order; the format follows the file's extension."""
     if not os.path.isfile(path):
-        raise DataError(f"captions={path} does not exist; pass the CSV, TSV, JSON Lines or COCO JSON file "
-                        f"of your captions")
+        raise DataError(f"captions={path} does not exist; pass the CSV, TSV, JSON Lines, COCO JSON or "
+                        f"Flickr8K token file of your captions")
     kind = FORMATS.get(os.path.splitext(path)[1].lower())
     if kind is None:
-        raise DataError(f"captions={path}: unknown format; name it .csv, .tsv, .jsonl or .json "
-                        f"(COCO captions or a Karpathy split file)")
+        raise DataError(f"captions={path}: unknown format; name it .csv, .tsv, .jsonl, .json "
+                        f"(COCO captions or a Karpathy split file) or .txt/.token (Flickr8K/Flickr30K tokens)")
+    if kind == "token":
+        return _token_rows(path)
     if kind == "json":
         return _json_rows(path)
     if kind == "jsonl":
@@ -60,10 +69,13 @@ def _lines(path: str) -> Iterator[tuple[int, str]]:
 
 
 def _make_row(path: str, row: int, image, caption, split) -> CaptionRow:
-    """One checked row: an image path, a non-empty caption, a known split."""
+    """One checked row: an image path, a non-empty caption (text), a known split."""
     where = f"{path} row {row}"
     if not isinstance(image, str) or not image.strip():
         raise DataError(f"{where}: no image; give every caption the path of its picture (relative to raw_root)")
+    if caption is not None and not isinstance(caption, str):
+        raise DataError(f"{where}: a caption of {image} is of type {type(caption).__name__}, not text; "
+                        f"write each caption as a string")
     if not isinstance(caption, str) or not caption.strip():
         raise DataError(f"{where}: empty caption for {image}; write the caption or remove the row")
     if split is not None and split not in SPLITS:
@@ -121,6 +133,24 @@ def _jsonl_rows(path: str, image_column: str, caption_column: str) -> Iterator[C
                             f"write its captions or remove the row")
         for caption in captions:
             yield _make_row(path, row, record[image_column], caption, record.get(SPLIT_COLUMN))
+
+
+def _token_rows(path: str) -> Iterator[CaptionRow]:
+    """Flickr8K's Flickr8k.token.txt (Flickr30K's results_20130124.token alike): no header,
+    one ``IMAGE#K<TAB>caption`` a line, IMAGE a file name relative to raw_root; K is not
+    used (the captions keep file order). No split: the pictures are split by hash."""
+    for row, text in _lines(path):
+        text = text.rstrip("\r\n")
+        if not text.strip():
+            continue
+        if "\t" not in text:
+            raise DataError(f"{path} row {row}: no tab between the image and the caption; {TOKEN_FIX}")
+        match = TOKEN_LINE.fullmatch(text)
+        if match is None:
+            name = text.split("\t", 1)[0]
+            raise DataError(f"{path} row {row}: {name!r} does not end in #K (the caption's number, #0 to #4); "
+                            f"{TOKEN_FIX}")
+        yield _make_row(path, row, match[1], match[3], None)
 
 
 def _load_json(path: str):

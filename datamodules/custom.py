@@ -24,6 +24,7 @@ from contextlib import ExitStack
 from dataclasses import dataclass, field
 
 from PIL import Image
+from tqdm import tqdm
 
 from datamodules.arrow import DataError, check_prepare_folders, custom_file, custom_name_problem, one_line
 from datamodules.atomic import atomic_file
@@ -145,19 +146,23 @@ def _image_bytes(raw_root: str, image: str, where: str) -> bytes:
 
 
 def write_pictures(found: Grouped, splits: dict, raw_root: str, targets: dict, captions: str,
-                   batch_rows: int | None = None) -> dict:
+                   batch_rows: int | None = None, progress: bool = True, dataset: str = "") -> dict:
     """Stream every picture into its split's file, all three files together: any error
-    leaves none of them. Returns split -> (pictures, captions)."""
+    leaves none of them (a progress bar of pictures unless ``progress`` is False). Returns
+    split -> (pictures, captions)."""
     options = {} if batch_rows is None else {"batch_rows": batch_rows}
     counts = {split: [0, 0] for split in targets}
     with ExitStack() as stack:
         writers = {split: stack.enter_context(ArrowWriter(path, **options)) for split, path in targets.items()}
+        bar = stack.enter_context(tqdm(total=len(found.pictures), unit="img", desc=f"writing {dataset}",
+                                       disable=not progress, dynamic_ncols=True, mininterval=1.0))
         for image, picture in found.pictures.items():
             split = splits[image]
             data = _image_bytes(raw_root, image, f"{captions} row {picture.row}")
             writers[split].write(data, picture.captions, image, split)
             counts[split][0] += 1
             counts[split][1] += len(picture.captions)
+            bar.update()
     return counts
 
 
@@ -186,7 +191,7 @@ def assign_splits(found: Grouped, dataset: str, data_root: str, seed, val_images
 
 def prepare_custom(dataset: str, raw_root: str, data_root: str, captions: str, *, image_column="image",
                    caption_column="caption", val_images=0.05, test_images=0.05, seed=0,
-                   skip_missing_images=False, batch_rows: int | None = None) -> dict:
+                   skip_missing_images=False, batch_rows: int | None = None, progress: bool = True) -> dict:
     """Write ``NAME_caption_{train,val,test}.arrow`` into data_root from the pictures under
     raw_root and the captions file. Returns the summary prepare_dataset returns."""
     problem = custom_name_problem(dataset)
@@ -202,7 +207,7 @@ def prepare_custom(dataset: str, raw_root: str, data_root: str, captions: str, *
     targets = {split: custom_file(data_root, dataset, split) for split in SPLITS}
     for path in targets.values():
         remove_stale_temporaries(path)
-    counts = write_pictures(found, splits, raw_root, targets, captions, batch_rows)
+    counts = write_pictures(found, splits, raw_root, targets, captions, batch_rows, progress, dataset)
     if record:
         _write_split_file(record[0], record[1], splits)
     summary = {split: {"file": targets[split], "images": counts[split][0], "captions": counts[split][1],

@@ -178,7 +178,7 @@ def prepare_dataset(dataset: str, raw_root: str, data_root: str, skip_missing_im
     per split the file, its images and captions and whether it was written now."""
     if captions is not None:
         return prepare_custom(dataset, raw_root, data_root, captions, skip_missing_images=skip_missing_images,
-                              batch_rows=batch_rows, **custom)
+                              batch_rows=batch_rows, progress=progress, **custom)
     return prepare_karpathy(dataset, raw_root, data_root, skip_missing_images, karpathy_json=karpathy_json,
                             progress=progress, batch_rows=batch_rows)
 
@@ -188,8 +188,8 @@ def prepare_karpathy(dataset: str, raw_root: str, data_root: str, skip_missing_i
                      batch_rows: int | None = None) -> dict:
     """f30k or coco from the Karpathy JSON; splits whose file is complete are skipped."""
     if dataset not in SOURCES:
-        raise DataError(f"dataset={dataset!r} cannot be prepared without captions=FILE (a CSV, TSV, JSON Lines "
-                        f"or COCO JSON file of your captions); the built-in ones are {sorted(SOURCES)}")
+        raise DataError(f"dataset={dataset!r} cannot be prepared without captions=FILE (a CSV, TSV, JSON Lines, "
+                        f"COCO JSON or Flickr8K token file of your captions); the built-in ones are {sorted(SOURCES)}")
     source = SOURCES[dataset]
     images = "flickr30k-images/" if dataset == "f30k" else "train2014/, val2014/"
     check_prepare_folders(raw_root, data_root, f"holding {source.json_name} and the images ({images})")
@@ -244,8 +244,9 @@ def _count_or_fraction(text: str):
 
 def add_custom_arguments(parser) -> None:
     """The flags of your own captions: the same keys as prepare_data's config keys."""
-    parser.add_argument("--captions", help="your captions: CSV/TSV with a header, JSON Lines or COCO caption "
-                                           "JSON; image paths relative to RAW_ROOT")
+    parser.add_argument("--captions", help="your captions: CSV/TSV with a header, JSON Lines, COCO caption "
+                                           "JSON or a Flickr8K/Flickr30K token file (Flickr8k.token.txt); "
+                                           "image paths relative to RAW_ROOT")
     parser.add_argument("--image-column", default="image", help="the column/field of the image path")
     parser.add_argument("--caption-column", default="caption", help="the column/field of the caption")
     parser.add_argument("--val-images", type=_count_or_fraction, default=0.05,

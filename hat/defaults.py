@@ -19,7 +19,7 @@ def runner_defaults():
     data_root = None  # folder holding the ViLT-format arrow files (README, "Data")
     raw_root = None  # prepare_data: folder with the images and dataset_{flickr30k,coco}.json
     skip_missing_images = False  # prepare_data: leave out images whose file is absent
-    captions = None  # prepare_data: your captions file (CSV/TSV, JSON Lines, COCO JSON) for dataset=NAME
+    captions = None  # prepare_data: your captions file (CSV/TSV, JSON Lines, COCO JSON, Flickr8k.token.txt) for dataset=NAME
     image_column = "image"  # prepare_data, captions: the column/field holding the image path (relative to raw_root)
     caption_column = "caption"  # prepare_data, captions: the column/field holding the caption
     val_images = 0.05  # prepare_data, captions without a split column: val pictures (count or fraction)

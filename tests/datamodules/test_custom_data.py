@@ -1,5 +1,6 @@
-"""Your own pictures and captions: CSV, TSV, JSON Lines and COCO JSON -> the same arrow
-files; split column or a deterministic split by picture; bad input in one line."""
+"""Your own pictures and captions: CSV, TSV, JSON Lines, COCO JSON and Flickr8K/Flickr30K
+token files -> the same arrow files; split column or a deterministic split by picture;
+bad input in one line."""
 import csv
 import json
 import os
@@ -71,6 +72,16 @@ def write_coco(path, rows):
     return str(path)
 
 
+def write_tokens(path, rows, newline="\n"):
+    """Flickr8k.token.txt's layout: no header, IMAGE#K<TAB>caption, K counting each picture's captions."""
+    numbers = {}
+    with open(path, "w", encoding="utf-8", newline="") as handle:
+        for picture, caption in rows:
+            numbers[picture] = numbers.get(picture, -1) + 1
+            handle.write(f"{picture}#{numbers[picture]}\t{caption}{newline}")
+    return str(path)
+
+
 def prepare(raw, captions, out, **options):
     return prepare_dataset(NAME, str(raw), str(out), captions=captions, progress=False, **options)
 
@@ -103,6 +114,55 @@ def test_four_formats_prepare_identical_files(raw, tmp_path):
         indices = [int(data.image_id(n)[5:8]) for n in range(len(data))]
         assert indices == sorted(indices)  # file order within a split
     assert sorted(seen) == list(range(PICTURES))
+
+
+def test_flickr8k_and_flickr30k_token_files_prepare_the_csvs_files(raw, tmp_path):
+    rows = caption_rows()
+    prepare(raw, write_table(tmp_path / "c.csv", rows), tmp_path / "csv", val_images=4, test_images=0.2)
+    token_files = {"f8k": write_tokens(tmp_path / "Flickr8k.token.txt", rows),  # Flickr8K's name and layout
+                   "f30k": write_tokens(tmp_path / "results_20130124.token", rows, "\r\n")}  # Flickr30K's
+    for out, path in token_files.items():
+        summary = prepare(raw, path, tmp_path / out, val_images=4, test_images=0.2)
+        assert summary["split_file"] == str(tmp_path / out / FILES[3])  # no split column: the hashed split
+        assert contents(tmp_path / out) == contents(tmp_path / "csv")
+    train = open_split(str(tmp_path / "f8k"), NAME, "train")
+    first = int(train.image_id(0)[5:8])
+    assert train.captions(0) == [f"picture {first}, caption {k}" for k in range(count(first))]
+    assert train.image_bytes(0) == (raw / image(first)).read_bytes()
+
+
+def _bad_tokens(tmp_path, case):
+    lines = [f"{p}#{k}\t{c}".encode() for p, c, k in
+             ((p, c, int(c[-1])) for p, c in caption_rows())]  # "picture i, caption k"
+    if case == "no tab":
+        lines[2] = lines[2].replace(b"\t", b" ")
+    elif case == "no #k":
+        lines[2] = lines[2].replace(b"#0\t", b"\t")
+    elif case == "empty caption":
+        lines[2] = lines[2].split(b"\t")[0] + b"\t "
+    elif case == "not utf-8":
+        lines[2] = lines[2].replace(b"caption", b"capt\xffion")
+    path = tmp_path / "Flickr8k.token.txt"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return str(path)
+
+
+BAD_TOKENS = [  # the third line: pics/002.jpg#0
+    ("no tab", r"Flickr8k\.token\.txt row 3: no tab between the image and the caption; a line of a "
+               r"Flickr8K/Flickr30K token file is IMAGE#K<TAB>caption"),
+    ("no #k", r"Flickr8k\.token\.txt row 3: 'pics/002\.jpg' does not end in #K \(the caption's number, #0 to #4\); "
+              r"a line of a Flickr8K/Flickr30K token file is IMAGE#K<TAB>caption"),
+    ("empty caption", r"Flickr8k\.token\.txt row 3: empty caption for pics/002\.jpg; write the caption or remove"),
+    ("not utf-8", r"Flickr8k\.token\.txt row 3: not UTF-8 text \(invalid start byte at byte \d+\); save the file"),
+]
+
+
+@pytest.mark.parametrize("case, message", BAD_TOKENS, ids=[b[0] for b in BAD_TOKENS])
+def test_bad_token_line_names_file_and_line(raw, tmp_path, case, message):
+    with pytest.raises(DataError, match=message) as error:
+        prepare(raw, _bad_tokens(tmp_path, case), tmp_path / "out")
+    assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
 def test_split_column_is_honoured(raw, tmp_path):
@@ -163,6 +223,53 @@ def test_command_line_flags(raw, tmp_path, capsys):
                  "--test-images", "5", "--seed", "3"]) == 0
     record = json.loads((tmp_path / "out" / FILES[3]).read_text())
     assert (record["seed"], len(record["val"]), len(record["test"])) == (3, 3, 5)
+    err = capsys.readouterr().err
+    assert f"writing {NAME}: 100%" in err and "30/30" in err  # the progress bar of pictures
+    assert main(["--dataset", NAME, "--raw-root", str(raw), "--data-root", str(tmp_path / "quiet"), "--captions",
+                 path, "--image-column", "file", "--caption-column", "text", "--no-progress"]) == 0
+    assert "writing" not in capsys.readouterr().err
+
+
+def flickr8k_layout(raw, tmp_path):
+    """Flickr8K as it ships: the pictures in one folder, Flickr8k_text/Flickr8k.token.txt."""
+    os.makedirs(tmp_path / "Flickr8k_text")
+    rows = [(p[len("pics/"):], c) for p, c in caption_rows()]
+    return str(raw / "pics"), write_tokens(tmp_path / "Flickr8k_text" / "Flickr8k.token.txt", rows)
+
+
+def test_command_line_prepares_flickr8k_and_refuses_bad_input_in_one_line(raw, tmp_path, capsys):
+    pictures, tokens = flickr8k_layout(raw, tmp_path)
+    out = tmp_path / "out"
+    assert main(["--dataset", NAME, "--raw-root", pictures, "--captions", tokens, "--data-root", str(out),
+                 "--no-progress"]) == 0
+    assert sorted(os.listdir(out)) == sorted(FILES)
+    test = open_split(str(out), NAME, "test")
+    assert len(test) == 2 and test.image_id(0).endswith(".jpg") and "/" not in test.image_id(0)
+    capsys.readouterr()
+    with open(tokens, "a", encoding="utf-8") as handle:
+        handle.write("000.jpg#4 a fifth caption without its tab\n")
+    with pytest.raises(SystemExit) as exit_status:
+        main(["--dataset", NAME, "--raw-root", pictures, "--captions", tokens, "--data-root",
+              str(tmp_path / "again"), "--no-progress"])
+    assert exit_status.value.code == 2
+    stderr = capsys.readouterr().err
+    assert stderr.endswith("\n") and stderr.count("\n") == 1
+    assert stderr.startswith(f"error: {tokens} row {len(caption_rows()) + 1}: no tab between the image and the caption")
+    assert not (tmp_path / "again").exists()
+
+
+def test_run_py_prepare_data_with_flickr8k(raw, tmp_path, capsys):
+    from run import ex
+
+    pictures, tokens = flickr8k_layout(raw, tmp_path)
+    out = tmp_path / "out"
+    run = ex.run_commandline(["run.py", "prepare_data", "with", f"dataset={NAME}", f"raw_root={pictures}",
+                              f"captions={tokens}", f"data_root={out}", "test_images=3"])
+    assert run.status == "COMPLETED" and run.result["split_file"] == str(out / FILES[3])
+    assert sorted(os.listdir(out)) == sorted(FILES)
+    assert {split: info["images"] for split, info in run.result["splits"].items()} == {
+        "train": 25, "val": 2, "test": 3}
+    assert f"{NAME} test: 3 images" in capsys.readouterr().out
 
 
 def _bad_csv(tmp_path, raw, case):
@@ -200,6 +307,78 @@ def test_bad_input_is_one_line_naming_file_and_row(raw, tmp_path, case, options,
     with pytest.raises(DataError, match=message) as error:
         prepare(raw, path, tmp_path / "out", **options)
     assert "\n" not in str(error.value)
+    assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
+
+
+def _bad_json(tmp_path, case):
+    """A COCO, JSON Lines or Karpathy file of the fixture's captions, broken at its third
+    annotation / line / image (or, for COCO's images, the second)."""
+    rows = caption_rows()
+    if case.startswith("coco"):
+        path = tmp_path / "c.json"
+        document = json.loads(open(write_coco(path, rows)).read())
+        if case == "coco image_id not in images":
+            document["annotations"][2]["image_id"] = 999
+        elif case == "coco image without file_name":
+            del document["images"][1]["file_name"]
+        elif case == "coco empty caption":
+            document["annotations"][2]["caption"] = ""
+        elif case == "coco annotation without caption":
+            del document["annotations"][2]["caption"]
+        elif case == "coco caption not text":
+            document["annotations"][2]["caption"] = 7
+        elif case == "coco neither format":
+            document = {"images": document["images"]}
+        path.write_text(json.dumps(document))
+        if case == "coco not json":
+            path.write_text(json.dumps(document, indent=1)[:-3])
+        return str(path)
+    if case.startswith("karpathy"):
+        path = tmp_path / "dataset_mine.json"
+        images = [{"filename": image(i), "split": "dev" if i == 2 else "train",
+                   "sentences": [{"raw": f"picture {i}"}]} for i in range(PICTURES)]
+        path.write_text(json.dumps({"images": images}))
+        return str(path)
+    path = tmp_path / "c.jsonl"
+    lines = open(write_jsonl(path, rows)).read().splitlines()
+    lines[2] = {"jsonl not json": '{"image": "pics/002.jpg", "caption": "a"',
+                "jsonl not an object": '["pics/002.jpg", "a caption"]',
+                "jsonl no caption field": '{"image": "pics/002.jpg", "text": "a caption"}',
+                "jsonl captions not a list of str": '{"image": "pics/002.jpg", "captions": ["a caption", 3]}',
+                "jsonl empty captions": '{"image": "pics/002.jpg", "captions": []}',
+                "jsonl unknown split": '{"image": "pics/002.jpg", "caption": "a", "split": "training"}'}[case]
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+BAD_JSON = [  # case, message: the file and the row (COCO: the annotation; JSON Lines: the line)
+    ("coco image_id not in images", r"c\.json row 3: image_id 999 is not in 'images'; add it there with its file_name"),
+    ("coco image without file_name", r"c\.json images row 2: needs 'id' and 'file_name'; use the COCO caption format"),
+    ("coco empty caption", r"c\.json row 3: empty caption for pics/002\.jpg; write the caption or remove the row"),
+    ("coco annotation without caption", r"c\.json row 3: an annotation needs 'image_id' and 'caption' \(found: id, "
+                                        r"image_id\); use the COCO caption format"),
+    ("coco caption not text", r"c\.json row 3: a caption of pics/002\.jpg is of type int, not text; write each"),
+    ("coco not json", r"c\.json row \d+: not JSON \(.*, column \d+\); fix the file"),
+    ("coco neither format", r"c\.json: neither COCO captions \('images' \+ 'annotations'\) nor a Karpathy split "
+                            r"file \('images' with 'sentences'\); found: images"),
+    ("karpathy unknown split", r"dataset_mine\.json row 3: split 'dev' is not one of \['restval', 'test', 'train', "
+                               r"'val'\]; use the Karpathy split file unchanged"),
+    ("jsonl not json", r"c\.jsonl row 3: not JSON \(Expecting ',' delimiter\); one object per line"),
+    ("jsonl not an object", r"c\.jsonl row 3: not a JSON object; one object per line"),
+    ("jsonl no caption field", r"c\.jsonl row 3: no field 'caption' \(fields found: image, text\); set image_column="),
+    ("jsonl captions not a list of str", r"c\.jsonl row 3: a caption of pics/002\.jpg is of type int, not text"),
+    ("jsonl empty captions", r"c\.jsonl row 3: empty caption list for pics/002\.jpg; write its captions or remove"),
+    ("jsonl unknown split", r"c\.jsonl row 3: split 'training' is not one of \['train', 'val', 'test'\]; fix the "
+                            r"split column"),
+]
+
+
+@pytest.mark.parametrize("case, message", BAD_JSON, ids=[b[0] for b in BAD_JSON])
+def test_bad_json_input_is_one_line_naming_file_and_row(raw, tmp_path, case, message):
+    path = _bad_json(tmp_path, case)
+    with pytest.raises(DataError, match=message) as error:
+        prepare(raw, path, tmp_path / "out")
+    assert "\n" not in str(error.value) and str(error.value).startswith(path)
     assert not (tmp_path / "out").exists() or os.listdir(tmp_path / "out") == []
 
 
