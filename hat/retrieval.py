@@ -13,7 +13,9 @@ evaluates with.
 One caption (a str) is one text and one path or PIL image is one picture: the calls take
 either one or a list of them. An empty list, a caption that is not a str, an image that
 is not a path or PIL image, a missing file or one that does not decode is refused with a
-one-line error naming it.
+one-line error naming it. Files are opened with `hat.images.open_image` (EXIF orientation
+applied, transparency over white; a PIL image passed in goes through the same
+`hat.images.to_rgb`): the pixels the search index (`hat.search`) encodes.
 """
 from __future__ import annotations
 
@@ -23,7 +25,6 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from datamodules.arrow import one_line
 from datamodules.datasets import caption_loader, image_loader, pad_id_of, tokenize
 from datamodules.transforms import build_transform
 from hat.backbones import load_tokenizer
@@ -31,6 +32,7 @@ from hat.checkpoint import (FORMAT, CheckpointError, check_project_layout, load_
                             read_checkpoint_file)
 from hat.checks import RUN_KEYS, validate_device
 from hat.defaults import default_config
+from hat.images import open_image, to_rgb
 from hat.plugins import ConfigProblem, get_plugin, model_names, plugins
 
 PATHS = (str, os.PathLike)
@@ -45,23 +47,7 @@ class _Images(Dataset):
 
     def __getitem__(self, index):
         image = self.images[index]
-        if isinstance(image, PATHS):
-            image = _open_image(image, index)
-        return self.transform(image.convert("RGB"))
-
-
-def _open_image(path, index: int) -> Image.Image:
-    """The picture at ``path`` in RGB. A missing file or one PIL cannot decode (Pillow
-    raises OSError, including UnidentifiedImageError and truncated data, SyntaxError,
-    ValueError or DecompressionBombError) is a one-line error naming ``index`` and ``path``."""
-    try:
-        with Image.open(path) as opened:
-            return opened.convert("RGB")
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image {index} ({path}) does not exist; pass the path of an image file") from None
-    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-        raise ValueError(f"image {index} ({path}) cannot be decoded ({type(error).__name__}: {one_line(error)}); "
-                         f"pass a readable image file (JPEG, PNG, ...) or leave this one out") from None
+        return self.transform(open_image(image, index) if isinstance(image, PATHS) else to_rgb(image))
 
 
 def _image_list(images) -> list:

@@ -236,9 +236,10 @@ class MultiSEAPlugin(ModelPlugin):
 
     def score_sets(self, model, image_features, caption_features, rerank: bool = False):
         """ITC scores; ``rerank``: the text->image matrix re-ranked by ITM (each caption's
-        top_k images, then the others in ITC order, below them), as evaluate ranks it."""
-        from hat.models.multisea.rerank import itc_scores, rerank_scores
+        top_k images, then the others in ITC order, below them), as evaluate ranks it (its
+        t2i half alone: `rerank_scores`' i2t matrix is not computed)."""
+        from hat.models.multisea.rerank import itc_scores, t2i_rerank_scores
 
         if not rerank:
             return itc_scores(model, image_features[0], caption_features[0])
-        return rerank_scores(model, *image_features, *caption_features, k=self.c["top_k"])[1]
+        return t2i_rerank_scores(model, *image_features, *caption_features, k=self.c["top_k"])

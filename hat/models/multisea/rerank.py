@@ -99,15 +99,33 @@ def rerank_scores(model, image_feats: torch.Tensor, image_states: torch.Tensor, 
         scores = coarse[image_rows, text_rows] + _itm_scores(
             model, "i2t", image_rows, text_rows, image_states, text_states, text_mask, pair_batch_size)
         i2t = below_shortlist(coarse, top_captions, scores.view(n_images, k_captions))
-
-        k_images = min(k, n_images)
-        top_images = coarse.topk(k_images, dim=0).indices.t()  # [N_T, k]
-        text_rows = torch.arange(n_captions).repeat_interleave(k_images)  # [N_T * k]
-        image_rows = top_images.reshape(-1)
-        scores = coarse[image_rows, text_rows] + _itm_scores(
-            model, "t2i", image_rows, text_rows, image_states, text_states, text_mask, pair_batch_size)
-        t2i = below_shortlist(coarse.t(), top_images, scores.view(n_captions, k_images)).t().contiguous()
+        t2i = _t2i_from_itc(model, coarse, image_states, text_states, text_mask, k, pair_batch_size)
     return i2t, t2i
+
+
+@torch.no_grad()
+def t2i_rerank_scores(model, image_feats: torch.Tensor, image_states: torch.Tensor, text_feats: torch.Tensor,
+                      text_states: torch.Tensor, text_mask: torch.Tensor, k: int = 64,
+                      pair_batch_size: int = 128) -> torch.Tensor:
+    """The t2i matrix of `rerank_scores` alone (the same values, bit for bit), without the
+    i2t half: k ITM passes per caption instead of k per caption and k per image (a
+    search over many pictures re-ranks its few queries only)."""
+    with eval_mode(model):
+        coarse = itc_scores(model, image_feats, text_feats)
+        return _t2i_from_itc(model, coarse, image_states, text_states, text_mask, k, pair_batch_size)
+
+
+def _t2i_from_itc(model, coarse, image_states, text_states, text_mask, k: int, pair_batch_size: int):
+    """Each caption's top-k images of the ITC matrix ``coarse`` [N_I, N_T] re-ranked by
+    t2i ITM + ITC, the rest below (`below_shortlist`) -> [N_images, N_captions]."""
+    n_images, n_captions = coarse.shape
+    k_images = min(k, n_images)
+    top_images = coarse.topk(k_images, dim=0).indices.t()  # [N_T, k]
+    text_rows = torch.arange(n_captions).repeat_interleave(k_images)  # [N_T * k]
+    image_rows = top_images.reshape(-1)
+    scores = coarse[image_rows, text_rows] + _itm_scores(
+        model, "t2i", image_rows, text_rows, image_states, text_states, text_mask, pair_batch_size)
+    return below_shortlist(coarse.t(), top_images, scores.view(n_captions, k_images)).t().contiguous()
 
 
 def rerank_recall(i2t: torch.Tensor, t2i: torch.Tensor, caption_to_image=None) -> dict:
