@@ -36,8 +36,11 @@ _Fit.train_step passes it), one row per way of running it, each in a fresh proce
   split 8 micro   accumulation=split, per_gpu_batchsize 8 (each micro-batch its own loss)
 Time per optimizer step is the minimum over --steps steps after one warm-up step; peak
 memory as in (b) (beyond what the process held before the model was built, so it counts
-the model and the optimizer state), and the step's own working set (beyond what it held
-once the model and the optimizer existed). Ratio lines compare each row with the 1 x 58
+the model and the optimizer state), the step's working set (beyond what it held once the
+model and the optimizer existed), and the timed steps' own peak: the high-water mark
+during them above what the process holds between steps (the model, the optimizer state;
+on the CPU after handing free memory back, Linux's clear_refs resetting the mark; on CUDA
+max_memory_allocated after reset_peak_memory_stats). Ratio lines compare each row with the 1 x 58
 row of the same run; the issue's targets (exact 8 micro: peak memory <= 0.4x, time <=
 1.5x the 1 x 58 step's) are printed as met or not, never asserted.
 """
@@ -70,6 +73,36 @@ def rss_gb() -> float:
 def current_rss_gb() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def release_free_memory() -> None:
+    """Hand the C allocator's free memory back to the system (glibc's malloc_trim), so that
+    the resident size is what the process holds, not what it once held."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def reset_peak_rss() -> bool:
+    """Reset this process's resident high-water mark (Linux: clear_refs 5); False if not possible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def peak_rss_since_reset_gb() -> float:
+    """VmHWM: the resident high-water mark since the last `reset_peak_rss` (GB)."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024 / 1e9
+    return float("nan")
 
 
 def scoring_inputs(batch, dim, seed, device, dtype=torch.float32):
@@ -264,6 +297,14 @@ def step_worker(args) -> dict:
 
     step()  # warm-up (allocations, kernels, lazy optimizer state)
     sync()
+    # the steps' own peak: above what the process holds between steps (model, gradients'
+    # absence, optimizer state), measured from here on
+    if device.type == "cuda":
+        resident = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        release_free_memory()
+        resident = current_rss_gb() * 1e9 if reset_peak_rss() else float("nan")
     times = []
     for _ in range(args.steps):
         start = time.perf_counter()
@@ -273,6 +314,8 @@ def step_worker(args) -> dict:
     seconds = sum(times) / args.steps
     peak = ((torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda"
             else rss_gb() - base / 1e9)
+    step_peak = ((torch.cuda.max_memory_allocated(device) - resident) / 1e9 if device.type == "cuda"
+                 else peak_rss_since_reset_gb() - resident / 1e9)
     flops = None
     if args.flops:  # model FLOPs: one step counted with the scoring not recomputed
         if hasattr(model, "recompute_scores"):
@@ -282,6 +325,7 @@ def step_worker(args) -> dict:
             step()
         flops = counter.get_total_flops()
     return {"seconds": seconds, "min_seconds": min(times), "images_per_s": batch_size / seconds, "peak_gb": peak,
+            "step_peak_gb": step_peak,
             "model_gb": model_bytes / 1e9, "flops": flops, "batch": batch_size, "micro": micro_batch_size,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
@@ -344,18 +388,20 @@ def accumulation(args) -> int:
         counts = [min(r["micro"], r["batch"] - start) for start in range(0, r["batch"], r["micro"])]
         print(f"  {name:14s} {'+'.join(map(str, counts)):17s} {r['min_seconds']:8.3f} s/step  "
               f"{r['batch'] / r['min_seconds']:7.1f} images/s  peak {r['peak_gb']:6.3f} GB  "
-              f"(step's working set {r['peak_gb'] - r['model_gb']:6.3f} GB, model {r['model_gb']:.3f} GB)",
-              flush=True)
+              f"(step's working set {r['peak_gb'] - r['model_gb']:6.3f} GB, model {r['model_gb']:.3f} GB; "
+              f"the timed steps' own peak {r['step_peak_gb']:6.3f} GB)", flush=True)
     one = rows["1 x 58"]
     for name, _, _ in ACCUMULATION_ROWS[1:]:
         r = rows[name]
         memory, seconds = r["peak_gb"] / one["peak_gb"], r["min_seconds"] / one["min_seconds"]
         working = (r["peak_gb"] - r["model_gb"]) / (one["peak_gb"] - one["model_gb"])
+        own = r["step_peak_gb"] / one["step_peak_gb"]
         line = (f"  {name}: peak memory {memory:.2f} x, time {seconds:.2f} x the 1 x {args.batch} step "
-                f"(working set {working:.2f} x)")
+                f"(working set {working:.2f} x, the steps' own peak {own:.2f} x)")
         if name == "exact 8 micro":
-            line += (f"; targets: peak <= {TARGET_ACC_MEMORY}x {'met' if memory <= TARGET_ACC_MEMORY else 'NOT met'}"
-                     f" (working set {'met' if working <= TARGET_ACC_MEMORY else 'NOT met'}), time <= "
+            line += (f"; targets: peak <= {TARGET_ACC_MEMORY}x: whole process "
+                     f"{'met' if memory <= TARGET_ACC_MEMORY else 'NOT met'}, the steps' own "
+                     f"{'met' if own <= TARGET_ACC_MEMORY else 'NOT met'}; time <= "
                      f"{TARGET_ACC_TIME}x {'met' if seconds <= TARGET_ACC_TIME else 'NOT met'}")
         print(line, flush=True)
     return 0
