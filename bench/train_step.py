@@ -34,7 +34,8 @@ _Fit.train_step passes it), one row per way of running it, each in a fresh proce
   exact 4 micro   accumulation=exact, per_gpu_batchsize 15 (15+15+15+13)
   exact 8 micro   accumulation=exact, per_gpu_batchsize 8 (7 x 8 + 2)
   split 8 micro   accumulation=split, per_gpu_batchsize 8 (each micro-batch its own loss)
-Time per optimizer step is the minimum over --steps steps after one warm-up step; peak
+Time per optimizer step is the minimum over --steps steps after one warm-up step (on the
+CPU also the process time, with --threads 1 by default: the work done, whatever else runs); peak
 memory as in (b) (beyond what the process held before the model was built, so it counts
 the model and the optimizer state), the step's working set (beyond what it held once the
 model and the optimizer existed), and the timed steps' own peak: the high-water mark
@@ -263,6 +264,8 @@ def step_worker(args) -> dict:
     from hat.plugins import get_plugin
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     config = step_config(args.model, args.paper, args.batch)
     config["precision"] = args.precision
     plugin = get_plugin(args.model)(config)
@@ -305,12 +308,13 @@ def step_worker(args) -> dict:
     else:
         release_free_memory()
         resident = current_rss_gb() * 1e9 if reset_peak_rss() else float("nan")
-    times = []
+    times, cpu_times = [], []
     for _ in range(args.steps):
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         step()
         sync()
         times.append(time.perf_counter() - start)
+        cpu_times.append(time.process_time() - cpu_start)
     seconds = sum(times) / args.steps
     peak = ((torch.cuda.max_memory_allocated(device) - base) / 1e9 if device.type == "cuda"
             else rss_gb() - base / 1e9)
@@ -325,7 +329,7 @@ def step_worker(args) -> dict:
             step()
         flops = counter.get_total_flops()
     return {"seconds": seconds, "min_seconds": min(times), "images_per_s": batch_size / seconds, "peak_gb": peak,
-            "step_peak_gb": step_peak,
+            "step_peak_gb": step_peak, "min_cpu_seconds": min(cpu_times), "threads": torch.get_num_threads(),
             "model_gb": model_bytes / 1e9, "flops": flops, "batch": batch_size, "micro": micro_batch_size,
             "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"}
 
@@ -345,6 +349,7 @@ def run_step_worker(args, model: str, precision: str, micro: int | None = None, 
     command += (["--paper"] if args.paper else []) + (["--batch", str(args.batch)] if args.batch else [])
     command += ["--micro", str(micro)] if micro else []
     command += (["--flops"] if args.flops else []) + (["--channels-last"] if args.channels_last else [])
+    command += ["--threads", str(args.threads)] if getattr(args, "threads", None) else []
     proc = subprocess.run(command, capture_output=True, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"worker failed: {' '.join(command)}\n{proc.stderr[-3000:]}")
@@ -380,13 +385,16 @@ def accumulation(args) -> int:
     """(c) HAT's batch of 58 in one micro-batch, and exact / split over 4 and 8 micro-batches."""
     recipe = "paper" if args.paper else "demo"
     print(f"HAT optimizer steps over a batch of {args.batch} ({recipe} architecture, synthetic batch), device "
-          f"{args.device}, {args.precision}, min of {args.steps} steps after one warm-up, a fresh process per row")
+          f"{args.device}, {args.precision}, {args.threads or 'default'} thread(s), min of {args.steps} steps after "
+          f"one warm-up, a fresh process per row; on the CPU also the step's CPU time (process time: with one "
+          f"thread the work done, whatever else the machine runs)")
     rows = {}
     for name, micro, mode in ACCUMULATION_ROWS:
         micro = micro if micro is None or micro < args.batch else None
         r = rows[name] = run_step_worker(args, "hat", args.precision, micro, mode)
         counts = [min(r["micro"], r["batch"] - start) for start in range(0, r["batch"], r["micro"])]
-        print(f"  {name:14s} {'+'.join(map(str, counts)):17s} {r['min_seconds']:8.3f} s/step  "
+        cpu = f" (CPU {r['min_cpu_seconds']:.3f} s)" if args.device == "cpu" else ""
+        print(f"  {name:14s} {'+'.join(map(str, counts)):17s} {r['min_seconds']:8.3f} s/step{cpu}  "
               f"{r['batch'] / r['min_seconds']:7.1f} images/s  peak {r['peak_gb']:6.3f} GB  "
               f"(step's working set {r['peak_gb'] - r['model_gb']:6.3f} GB, model {r['model_gb']:.3f} GB; "
               f"the timed steps' own peak {r['step_peak_gb']:6.3f} GB)", flush=True)
@@ -396,13 +404,17 @@ def accumulation(args) -> int:
         memory, seconds = r["peak_gb"] / one["peak_gb"], r["min_seconds"] / one["min_seconds"]
         working = (r["peak_gb"] - r["model_gb"]) / (one["peak_gb"] - one["model_gb"])
         own = r["step_peak_gb"] / one["step_peak_gb"]
-        line = (f"  {name}: peak memory {memory:.2f} x, time {seconds:.2f} x the 1 x {args.batch} step "
+        cpu = r["min_cpu_seconds"] / one["min_cpu_seconds"]
+        cpu_text = f", CPU time {cpu:.2f} x" if args.device == "cpu" else ""
+        line = (f"  {name}: peak memory {memory:.2f} x, time {seconds:.2f} x{cpu_text} the 1 x {args.batch} step "
                 f"(working set {working:.2f} x, the steps' own peak {own:.2f} x)")
         if name == "exact 8 micro":
             line += (f"; targets: peak <= {TARGET_ACC_MEMORY}x: whole process "
                      f"{'met' if memory <= TARGET_ACC_MEMORY else 'NOT met'}, the steps' own "
                      f"{'met' if own <= TARGET_ACC_MEMORY else 'NOT met'}; time <= "
                      f"{TARGET_ACC_TIME}x {'met' if seconds <= TARGET_ACC_TIME else 'NOT met'}")
+            if args.device == "cpu":
+                line += f" (CPU time {'met' if cpu <= TARGET_ACC_TIME else 'NOT met'})"
         print(line, flush=True)
     return 0
 
@@ -440,6 +452,8 @@ def main(argv=None) -> int:
     acc.add_argument("--batch", type=int, default=58, help="the optimizer step's batch")
     acc.add_argument("--steps", type=int, default=3, help="timed steps per row (the minimum is printed)")
     acc.add_argument("--precision", default=None, help="fp32 | bf16 | fp16 (default: fp32 on CPU, bf16 on CUDA)")
+    acc.add_argument("--threads", type=int, default=1, help="CPU threads per worker (0: torch's default)")
+    step_w.add_argument("--threads", type=int, default=0, help="CPU threads (0: torch's default)")
     step_w.add_argument("--micro", type=int, default=None, help="micro-batch size (default: the whole batch)")
     step_w.add_argument("--accumulation", choices=["split", "exact"], default="split")
     step.add_argument("--models", nargs="+", default=["hat", "multisea"])
