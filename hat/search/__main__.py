@@ -54,6 +54,9 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument("-k", type=int, default=10, help="how many results (default: 10)")
     query.add_argument("--json", action="store_true", help='print a JSON list of {"path", "score"}, best first')
     query.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    query.add_argument("--shortlist", type=int, default=None, metavar="M",
+                       help="large collections: a FAISS first stage, then HAT's exact scores of M pictures "
+                            "(Multi-SEA: its ITM re-rank of the ITC top_k); default: every picture exact")
     return main
 
 
@@ -70,10 +73,12 @@ def run_index(args) -> int:
 def run_query(args) -> int:
     check_text(args.text)  # before anything loads
     check_k(args.k)
+    if args.shortlist is not None:
+        check_k(args.shortlist, "shortlist")
     from hat.search.index import SearchIndex
 
     index = SearchIndex.open(args.index, device=args.device)
-    [hits] = index.search([args.text], args.k)
+    [hits] = index.search([args.text], args.k, shortlist=args.shortlist)
     if hits.note:
         print(f"note: {hits.note}", file=sys.stderr, flush=True)
     if not len(index):

@@ -29,6 +29,7 @@ from torch.utils.data import DataLoader, Dataset
 from hat.fingerprint import FingerprintMemo
 from hat.images import IMAGE_EXTENSIONS, ImageDecodeError, open_image
 from hat.search.checks import SearchError
+from hat.search.shortlist import plan as shortlist_plan
 from hat.search.store import (DEFAULT_NAME, DIGEST, FORMAT, LOCK, MANIFEST, MEMO, OWN_FILE_RE, PROGRESS,
                               PROGRESS_FORMAT, SHARD_RE, VERSION, dtype_name, feature_layout,
                               is_own_folder, list_pictures, next_shard_number, read_json, save_shard, shard_name,
@@ -384,6 +385,7 @@ class _Build:
             "features": self.layout,
             "updated": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "shards": shards,
+            "shortlist": shortlist_plan(retriever.config["model"], len(files), self.layout) if self.layout else None,
             "files": files,
             "skipped": [skipped[path] for path in sorted(skipped) if path in pictures],
         }

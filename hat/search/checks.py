@@ -29,8 +29,9 @@ def check_text(query) -> None:
         raise SearchError('the query is empty; pass some words, e.g. "a dog on the beach"')
 
 
-def check_k(k) -> int:
-    """``k`` as an int if it is a positive integer; else SearchError."""
+def check_k(k, name: str = "k") -> int:
+    """``k`` (or the count ``name``) as an int if it is a positive integer; else SearchError."""
     if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise SearchError(f"k={k!r} is not a positive integer; pass k >= 1 (how many results)")
+        what = "how many results" if name == "k" else "how many pictures to score exactly"
+        raise SearchError(f"{name}={k!r} is not a positive integer; pass {name} >= 1 ({what})")
     return int(k)

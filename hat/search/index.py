@@ -61,6 +61,7 @@ class SearchIndex:
         self.paths = [entry["path"] for entry in manifest["files"]]
         self.model_name = manifest["model"]
         self._positions = {path: index for index, path in enumerate(self.paths)}
+        self._faiss = None  # the shortlist's first stage, built when a search asks for it
 
     @classmethod
     def open(cls, folder, device="cpu") -> SearchIndex:
@@ -123,9 +124,14 @@ class SearchIndex:
     def check_k(self, k) -> int:
         return check_k(k)
 
-    def search(self, queries, k: int) -> list[Hits]:
+    def search(self, queries, k: int, shortlist: int | None = None) -> list[Hits]:
         """The ``k`` best pictures of every query (a list of str; one str is one query),
-        best first, scored in one call for all queries together."""
+        best first, scored in one call for all queries together. ``shortlist`` (opt-in,
+        for large collections; None: every picture scored exactly): a FAISS first stage
+        picks candidates (`hat.search.shortlist`, the index kind the manifest records):
+        HAT scores ``shortlist`` of them exactly; Multi-SEA re-ranks its ITC top_k by ITM
+        (``shortlist`` is then unused beyond switching the ITC stage to FAISS, and a query
+        gets at most top_k results: the re-ranked ones)."""
         if isinstance(queries, str):
             queries = [queries]
         if isinstance(queries, (bytes, bytearray)) or not isinstance(queries, (list, tuple)):
@@ -136,9 +142,33 @@ class SearchIndex:
         k = self.check_k(k)
         if self.features is None:
             return [Hits([], note) for note in notes]
-        ranked = self.retriever.search(list(queries), self.features, k=k, rerank=True)
+        if shortlist is None:
+            ranked = self.retriever.search(list(queries), self.features, k=k, rerank=True)
+        else:
+            ranked = self._shortlisted(list(queries), k, check_k(shortlist, "shortlist"))
         return [Hits([Hit(self.paths[index], score, index) for index, score in hits], note)
                 for hits, note in zip(ranked, notes)]
+
+    def _shortlisted(self, queries: list[str], k: int, m: int) -> list[list[tuple[int, float]]]:
+        """(index, score) of each query's top k through the shortlist (see `search`)."""
+        from hat.search import shortlist as S
+
+        retriever = self.retriever
+        texts = retriever.encode_texts(queries)
+        if self._faiss is None:  # built on first use, of the kind the manifest records
+            vectors = (S.itc_image_vectors(self.features) if isinstance(self.features, tuple)
+                       else S.pooled_image_vectors(self.features))
+            plan = self.manifest.get("shortlist") or {}
+            self._faiss, _ = S.build_faiss(vectors, plan.get("faiss_index", "auto"))
+        if isinstance(self.features, tuple):
+            found = S.multisea_shortlisted_scores(retriever.model, self.features, texts,
+                                                  k=retriever.config["top_k"], index=self._faiss)
+        else:
+            found = S.shortlisted_scores(retriever.model, self.features, texts, m=m, k=k, index=self._faiss,
+                                         image_tile=retriever.config["image_tile"],
+                                         caption_tile=retriever.config["caption_tile"])
+        return [[(int(i), float(v)) for i, v in zip(indices[:k], values[:k])]
+                for indices, values in zip(found.indices, found.values)]
 
     # -- pictures ---------------------------------------------------------------------
 
