@@ -366,6 +366,37 @@ def _image_queries(queries: list, thumb) -> list[str]:
     return out
 
 
+def attention_legend() -> str:
+    """The colour bar of the attention maps' scale (0 .. a row's largest weight)."""
+    return (f"<div class=\"legend\"><span>colour scale: 0</span><span class=\"colorbar\" "
+            f"style=\"background: {colorbar_css()}\"></span><span>the row's max (blended 50% over "
+            f"the image)</span></div>")
+
+
+def attention_table(view, words: list[str], levels: list[dict]) -> list[str]:
+    """The HTML of one (caption, image) pair's maps: a ``<table class="attention">`` with a
+    header row of ``words`` (the caption's tokens) and one row per level of ``levels``
+    ({"label", "direction", "grid", "weights": [n_words][regions], "scale_max"}: what
+    `attention_pairs` and ``hat.search.SearchIndex.attention`` return), one `heatmap` per
+    word over ``view`` (the image as the model saw it), on the row's colour scale; the
+    gallery's STYLE lays it out. Shared by the gallery and the search server's attention page."""
+    out = ["<table class=\"attention\"><tr><th class=\"corner\"></th>"]
+    out.extend(f"<th>{html.escape(word)}</th>" for word in words)
+    out.append("</tr>")
+    for level in levels:
+        scale = _scale_max(level)
+        out.append(f"<tr><th class=\"level\" data-scale-max=\"{scale!r}\">{html.escape(level['label'])} "
+                   f"({level['direction']}, {level['grid'][0]}×{level['grid'][1]} regions)<br>"
+                   f"<span class=\"scale\">scale 0 .. {scale:.3f}</span></th>")
+        for weights in level["weights"]:
+            source = heatmap(view, np.asarray(weights), tuple(level["grid"]), scale_max=scale)
+            out.append(f"<td><img class=\"heatmap\" alt=\"attention map\" src=\"{source}\">"
+                       f"max {max(weights):.3f}</td>")
+        out.append("</tr>")
+    out.append("</table>")
+    return out
+
+
 def _attention_section(pairs: list, split, view_transform) -> list[str]:
     """The word-region attention maps of a few (caption, top image) pairs, a row per level."""
     out = ["<h2 id=\"attention\">Word-region attention per level</h2>"]
@@ -375,32 +406,20 @@ def _attention_section(pairs: list, split, view_transform) -> list[str]:
                "scale, from 0 to the largest weight of the row, printed beside it (\u201cscale 0 .. "
                "max\u201d): a flat map stays blue beside a peaked one. i2t: the share of each region's "
                "attention that goes to the word; t2i: the word's attention over the regions.</p>")
-    out.append(f"<div class=\"legend\"><span>colour scale: 0</span><span class=\"colorbar\" "
-               f"style=\"background: {colorbar_css()}\"></span><span>the row's max (blended 50% over "
-               f"the image)</span></div>")
+    out.append(attention_legend())
     for pair in pairs:
         view = split.image(pair["image_index"])
         if view_transform is not None:
             view = view_transform(view)
         verdict = "the ground truth" if pair["ground_truth"] else "not the ground truth"
+        table = attention_table(view, pair["words"], pair["levels"])
         out.append(f"<div class=\"attention-pair\" data-caption=\"{pair['caption']}\" "
                    f"data-image-id=\"{html.escape(pair['image_id'])}\"><p class=\"caption\">“"
                    f"{html.escape(pair['text'])}” and its top image {html.escape(pair['image_id'])} "
                    f"({verdict}; {len(pair['words'])} tokens, one map each)</p><div class=\"scroll\">"
-                   f"<table class=\"attention\"><tr><th class=\"corner\"></th>")
-        out.extend(f"<th>{html.escape(word)}</th>" for word in pair["words"])
-        out.append("</tr>")
-        for level in pair["levels"]:
-            scale = _scale_max(level)
-            out.append(f"<tr><th class=\"level\" data-scale-max=\"{scale!r}\">{html.escape(level['label'])} "
-                       f"({level['direction']}, {level['grid'][0]}×{level['grid'][1]} regions)<br>"
-                       f"<span class=\"scale\">scale 0 .. {scale:.3f}</span></th>")
-            for weights in level["weights"]:
-                source = heatmap(view, np.asarray(weights), tuple(level["grid"]), scale_max=scale)
-                out.append(f"<td><img class=\"heatmap\" alt=\"attention map\" src=\"{source}\">"
-                           f"max {max(weights):.3f}</td>")
-            out.append("</tr>")
-        out.append("</table></div></div>")
+                   f"{table[0]}")
+        out.extend(table[1:-1])
+        out.append(f"{table[-1]}</div></div>")
     return out
 
 

@@ -2,6 +2,7 @@
 
     python -m hat.search index --checkpoint runs/1/best.ckpt --images ~/Pictures   # -> ~/Pictures/.hat-index
     python -m hat.search query ~/Pictures/.hat-index "a dog on the beach" -k 10 [--json]
+    python -m hat.search serve ~/Pictures/.hat-index      # http://127.0.0.1:8000/: a search page, its JSON API
 
 or from Python (the same code):
 
@@ -25,6 +26,9 @@ transparency composited over white. Features are kept as the plug-in encodes the
 picture's features are the same whatever batch it is encoded in up to the last bits of
 the GEMMs (the scores agree to ~1e-7 relative; bit for bit when the batches are the
 same, e.g. a shard size that is a multiple of the batch size).
+
+The server (hat.search.server, FastAPI + uvicorn: ``pip install fastapi uvicorn``) answers
+what the query command prints, shows the results as thumbnails and HAT's attention maps.
 
 Problems with an index or a query are a `SearchError` (a ValueError, in
 hat.search.checks) with a one-line message.

@@ -3,14 +3,17 @@
     python -m hat.search index --checkpoint CKPT --images DIR [--out INDEX] [--batch-size N]
                                [--shard-size N] [--workers N] [--device cpu] [--rebuild] [--quiet]
     python -m hat.search query INDEX "a dog on the beach" [-k 10] [--json] [--device cpu]
+    python -m hat.search serve INDEX [--host 127.0.0.1] [--port 8000] [--device cpu] [--batch-queries]
 
 ``index`` writes DIR/.hat-index unless --out says otherwise and prints what it did
 (encoded, reused, dropped, skipped files); ``query`` prints one line per result,
 ``rank  score  path`` (the path relative to the index's image folder), or with --json a
 JSON list of {"path", "score"}, best first. A query longer than the model reads is
-truncated, with a note on stderr. Errors print one line, ``error: ...``, on stderr and
-exit with status 2; an interrupted ``index`` (Ctrl-C) exits with 130 and resumes when run
-again.
+truncated, with a note on stderr. ``serve`` runs a local web server (hat.search.server:
+a search page, the same results as JSON, thumbnails, HAT's attention maps) until Ctrl-C
+(status 0). Errors print one line, ``error: ...``, on stderr and exit with status 2 (for
+``serve``: before anything is served); an interrupted ``index`` (Ctrl-C) exits with 130
+and resumes when run again.
 """
 from __future__ import annotations
 
@@ -32,7 +35,7 @@ class _Parser(argparse.ArgumentParser):
 
 def parser() -> argparse.ArgumentParser:
     main = _Parser(prog=PROG, description="Search your own pictures with a trained checkpoint.")
-    commands = main.add_subparsers(dest="command", required=True, metavar="{index,query}")
+    commands = main.add_subparsers(dest="command", required=True, metavar="{index,query,serve}")
     index = commands.add_parser("index", help="encode the pictures of a folder into a search index",
                                 description="Encode every picture under --images (jpg, jpeg, png, webp, bmp; "
                                             "recursively; hidden names left out) into an index folder; run again "
@@ -57,6 +60,19 @@ def parser() -> argparse.ArgumentParser:
     query.add_argument("--shortlist", type=int, default=None, metavar="M",
                        help="large collections: a FAISS first stage, then HAT's exact scores of M pictures "
                             "(Multi-SEA: its ITM re-rank of the ITC top_k); default: every picture exact")
+    serve = commands.add_parser("serve", help="a local web page (and JSON API) to search an index",
+                                description="Serve a search page, its JSON API (/api/search?q=...&k=...), "
+                                            "thumbnails and HAT's attention maps on http://HOST:PORT/ until "
+                                            "Ctrl-C.")
+    serve.add_argument("index", help="the index folder (what `index` wrote)")
+    serve.add_argument("--host", default="127.0.0.1",
+                       help="the address to listen on (default: 127.0.0.1, this machine only)")
+    serve.add_argument("--port", type=int, default=8000, help="the port (default: 8000; 0: any free one)")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: cpu)")
+    serve.add_argument("--batch-queries", action="store_true",
+                       help="score the queries that arrive together in one call (can be faster; their scores "
+                            "then differ from the query command's in the last bits, ~1e-6); default: each query "
+                            "alone, every answer exactly the query command's")
     return main
 
 
@@ -91,6 +107,18 @@ def run_query(args) -> int:
     return 0
 
 
+def run_serve(args) -> int:
+    try:
+        from hat.search.server import serve
+    except ImportError as error:  # fastapi or uvicorn not installed
+        raise SearchError(f"the serve command needs FastAPI and uvicorn ({error}); install them: pip install "
+                          f"fastapi uvicorn") from None
+    return serve(args.index, host=args.host, port=args.port, device=args.device, joint=args.batch_queries)
+
+
+COMMANDS = {"index": run_index, "query": run_query, "serve": run_serve}
+
+
 def main(argv=None) -> int:
     """Run one command -> the exit status (0; 2: an error, one line on stderr; 130: interrupted)."""
     if hasattr(sys.stdout, "reconfigure"):  # file names that are not UTF-8 print as their bytes
@@ -100,7 +128,7 @@ def main(argv=None) -> int:
     except SystemExit as stop:  # --help (0) or a usage error (2, already printed)
         return stop.code if isinstance(stop.code, int) else 2
     try:
-        return run_index(args) if args.command == "index" else run_query(args)
+        return COMMANDS[args.command](args)
     except SearchError as error:
         print(f"error: {' '.join(str(error).split())}", file=sys.stderr, flush=True)
         return 2
